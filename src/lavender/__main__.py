@@ -1,0 +1,3 @@
+from lavender.cli import main
+
+raise SystemExit(main())

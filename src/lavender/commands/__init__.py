@@ -1,0 +1,1 @@
+"""Thin CLI subcommands: ``add_arguments(parser)`` + ``main(args)`` each."""

@@ -1,0 +1,1 @@
+"""Stage 1: diffusion-model attention targets."""

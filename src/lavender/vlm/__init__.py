@@ -1,0 +1,1 @@
+"""Stage 2, model side: VLM text-to-image attention."""

@@ -1,0 +1,132 @@
+"""The contract of a model family: what to watch, which keys are image tokens, where they sit.
+
+A family answers three questions about one VLM architecture, and nothing else:
+
+1. Which attention modules to watch (``attention_modules``; default subset ``default_layers``).
+2. Which key positions of those modules' attention are image tokens, for each image of each sample.
+3. How those positions lie on ONE image-wide spatial grid, and which region of the ORIGINAL image
+   that grid covers (``ImageGrid.covers``), so :mod:`lavender.vlm.grid` can bring the grid into the
+   attention dataset's frame (squash / pad / center-crop) at 32×32.
+
+Adding a family = one file in this folder decorated with :func:`register_family` + a geometry test
+with an index image. The capture backend, aggregation, Aligner, loss and trainer never branch on
+the family.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ImageGrid:
+    """Where one image's tokens sit among the watched keys, and what part of the image they cover.
+
+    Attributes:
+        batch_index: the sample of the batch the image belongs to.
+        key_index: ``(rows * cols,)`` long tensor of key positions in the watched attention,
+            row-major over the grid (``key_index[r * cols + c]`` is grid cell ``(r, c)``).
+        rows, cols: the grid's shape.
+        covers: ``(x0, y0, x1, y1)`` in original-image pixels: the region the whole grid spans.
+            A grid over the full image is ``(0, 0, W, H)``; LLaVA's centre crop covers the central
+            square; a grid that also spans canvas padding extends beyond ``W``/``H``.
+        image_size: ``(W, H)`` of the original image.
+    """
+
+    batch_index: int
+    key_index: torch.Tensor
+    rows: int
+    cols: int
+    covers: tuple[float, float, float, float]
+    image_size: tuple[int, int]
+
+
+class Family(ABC):
+    """One VLM architecture. Subclasses are stateless; one instance is registered per name."""
+
+    name: str = ""
+    #: ``config.model_type`` values this family handles.
+    model_types: tuple[str, ...] = ()
+    #: True when the watched modules are cross-attention (keys are image tokens only).
+    cross_attention: bool = False
+    #: regex (``re.fullmatch`` on module names) of LoRA targets: the language model's projections.
+    lora_target_regex: str = ""
+
+    # --- modules -----------------------------------------------------------------------------
+    @abstractmethod
+    def attention_modules(self, model: nn.Module) -> dict[int, nn.Module]:
+        """All watchable attention modules of the language model, keyed by their ``layer_idx``."""
+
+    @abstractmethod
+    def default_layers(self, model: nn.Module) -> list[int]:
+        """The layer indices watched when the user does not choose (documented per family)."""
+
+    def text_config_name(self) -> str:
+        """Name of the text sub-config whose attention implementation the capture backend replaces."""
+        return "text_config"
+
+    # --- tokens and geometry ------------------------------------------------------------------
+    @abstractmethod
+    def image_grids(self, inputs: Any, image_sizes: Sequence[Sequence[tuple[int, int]]]) -> list[ImageGrid]:
+        """The grid of every image in a processed batch.
+
+        Args:
+            inputs: the processor's output for the batch (``input_ids``, ``pixel_values``, …).
+            image_sizes: per sample, the ``(W, H)`` of each original image, in order.
+        """
+
+    def first_text_row(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per sample, the first query row whose attention to the image is meaningful (default 0).
+
+        Mllama overrides it: rows before the first ``<|image|>`` token attend uniformly by design.
+        """
+        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` bool: positions of ``input_ids`` that are image placeholders (never words)."""
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+
+    # --- processors and tiny models -----------------------------------------------------------
+    def load_processor(self, path: str, **kwargs: Any) -> Any:
+        """The processor saved with a model (families that need more than ``AutoProcessor`` override)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, **kwargs)
+
+    @abstractmethod
+    def make_tiny(self, out: str, seed: int = 0) -> None:
+        """Write a tiny randomly initialised model of this architecture plus its processor to ``out``."""
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    """Class decorator: register one instance under ``cls.name``; a duplicate name is an error."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"model family {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def families() -> dict[str, Family]:
+    """All registered families by name."""
+    return dict(_REGISTRY)
+
+
+def family_for_config(config: Any) -> Family:
+    """The family of a model config (``PretrainedConfig`` or its dict); a clear error otherwise."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    for fam in _REGISTRY.values():
+        if model_type in fam.model_types:
+            return fam
+    supported = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in _REGISTRY.values())
+    raise ValueError(f"unsupported model architecture {model_type!r}; supported families: {supported}")
