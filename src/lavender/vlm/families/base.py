@@ -73,24 +73,33 @@ class Family(ABC):
 
     # --- tokens and geometry ------------------------------------------------------------------
     @abstractmethod
-    def image_grids(self, inputs: Any, image_sizes: Sequence[Sequence[tuple[int, int]]]) -> list[ImageGrid]:
+    def image_grids(self, inputs: Any, image_sizes: Sequence[Sequence[tuple[int, int]]],
+                    config: Any = None, processor: Any = None) -> list[ImageGrid]:
         """The grid of every image in a processed batch.
 
         Args:
             inputs: the processor's output for the batch (``input_ids``, ``pixel_values``, …).
             image_sizes: per sample, the ``(W, H)`` of each original image, in order.
+            config: the model's config (``model.config``). Needed by the self-attention families
+                to know the image token id (tiny and real models differ); families raise a
+                clear error when it is required and missing.
+            processor: the processor that made ``inputs``. Only Idefics3/SmolVLM use it (its
+                resize settings decide the crop layout); pass it whenever you have it.
         """
 
-    def first_text_row(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def first_text_row(self, input_ids: torch.Tensor, config: Any = None) -> torch.Tensor:
         """Per sample, the first query row whose attention to the image is meaningful (default 0).
 
         Mllama overrides it: rows before the first ``<|image|>`` token attend uniformly by design.
         """
         return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
 
-    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, T)`` bool: positions of ``input_ids`` that are image placeholders (never words)."""
-        return torch.zeros_like(input_ids, dtype=torch.bool)
+    def image_token_mask(self, input_ids: torch.Tensor, config: Any = None) -> torch.Tensor:
+        """``(B, T)`` bool: positions of ``input_ids`` that are image placeholders (never words).
+
+        The default marks ``config.image_token_id`` (every supported family's config has it).
+        """
+        return input_ids == image_token_id(config)
 
     # --- processors and tiny models -----------------------------------------------------------
     def load_processor(self, path: str, **kwargs: Any) -> Any:
@@ -102,6 +111,49 @@ class Family(ABC):
     @abstractmethod
     def make_tiny(self, out: str, seed: int = 0) -> None:
         """Write a tiny randomly initialised model of this architecture plus its processor to ``out``."""
+
+
+def image_token_id(config: Any) -> int:
+    """``config.image_token_id`` of a VLM config (or its dict), with an error naming the fix."""
+    if config is None:
+        raise ValueError("this family needs the model's config to find its image tokens: pass config=model.config")
+    value = config.get("image_token_id", config.get("image_token_index")) if isinstance(config, dict) \
+        else getattr(config, "image_token_id", None)
+    if value is None:
+        raise ValueError(f"config of model_type {getattr(config, 'model_type', '?')!r} has no image_token_id")
+    return int(value)
+
+
+def modules_by_layer(model: nn.Module, pattern: str) -> dict[int, nn.Module]:
+    """Modules whose qualified name ``re.fullmatch``-es ``pattern``, keyed by their layer index.
+
+    ``pattern``'s first group is the layer number; a module's own ``layer_idx`` wins when it has one.
+    Matching names (not attribute paths) keeps this working through PEFT and FSDP wrappers.
+    """
+    import re
+
+    found: dict[int, nn.Module] = {}
+    for name, module in model.named_modules():
+        m = re.fullmatch(pattern, name)
+        if m:
+            found[int(getattr(module, "layer_idx", None) or m.group(1))] = module
+    if not found:
+        raise ValueError(f"no module of {type(model).__name__} matches {pattern!r}: not the expected architecture?")
+    return dict(sorted(found.items()))
+
+
+def middle_layers(num_layers: int, fraction: float = 0.2) -> list[int]:
+    """About ``fraction`` of ``num_layers`` layers, evenly spaced over the middle half of the stack.
+
+    The default watched subset of self-attention VLMs: text→image grounding is weak in the first
+    layers (tokens still local) and in the last ones (next-token prediction), strongest in between.
+    32 layers → [8, 11, 14, 18, 21, 24]; 2–4 layers (tiny models) → the middle one.
+    """
+    k = max(1, round(num_layers * fraction))
+    if k == 1:
+        return [num_layers // 2]
+    lo, hi = num_layers / 4, 3 * num_layers / 4
+    return sorted({int(round(lo + i * (hi - lo) / (k - 1))) for i in range(k)})
 
 
 _REGISTRY: dict[str, Family] = {}

@@ -1,0 +1,66 @@
+"""Counts and checks of an attention dataset: examples, word maps, bad records, map shape, manifest.
+
+  lavender inspect ATTN_DIR [--json]
+
+Checks that every shard opens, every map is finite and in [0, 1] when the manifest says min–max, and
+every example has one offset pair per word. Exit 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("attn_dir", metavar="ATTN_DIR", help="attention dataset folder")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--errors", type=int, default=5, metavar="N", help="show the first N bad records (5)")
+
+
+def inspect_store(root: str) -> dict:
+    """The report ``lavender inspect`` prints (integers for counts, a list for the map shape)."""
+    import numpy as np
+
+    from lavender.attnstore import AttentionStore, shard_paths
+
+    store = AttentionStore(root)
+    problems: list[str] = []
+    minmax = store.manifest.get("normalization") == "minmax"
+    words = 0
+    for id, ex in store:
+        m = ex["maps"].astype(np.float32)
+        words += len(ex["words"])
+        if len(ex["offsets"]) != len(ex["words"]) or m.shape[0] != len(ex["words"]):
+            problems.append(f"example {id!r}: {len(ex['words'])} words, {len(ex['offsets'])} offsets, "
+                            f"{m.shape[0]} maps")
+        if not np.isfinite(m).all():
+            problems.append(f"example {id!r}: non-finite map values")
+        elif minmax and m.size and (m.min() < -1e-3 or m.max() > 1 + 1e-3):
+            problems.append(f"example {id!r}: values outside [0, 1] although normalization is minmax")
+    errors = store.errors()
+    return {"examples": len(store), "words": words, "errors": len(errors), "map_shape": store.map_shape(),
+            "shards": len(shard_paths(root)), "problems": problems, "error_samples": errors,
+            "manifest": store.manifest}
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        report = inspect_store(args.attn_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"lavender inspect: {e}")
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        r = report
+        print(f"{args.attn_dir}: {r['examples']} examples, {r['words']} word maps of shape {r['map_shape']}, "
+              f"{r['shards']} shards, {r['errors']} bad records")
+        m = r["manifest"]
+        print(f"recipe {m.get('recipe')}, frame {m.get('frame')}, normalization {m.get('normalization')}, "
+              f"dm {m.get('dm')}")
+        for e in r["error_samples"][: args.errors]:
+            print(f"  bad record {e.get('index')} (id {e.get('id')!r}): {e.get('reason')}")
+        for p in r["problems"]:
+            print(f"  PROBLEM: {p}")
+    return 1 if report["problems"] else 0

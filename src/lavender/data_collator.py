@@ -1,0 +1,174 @@
+"""Records → a training batch: processor inputs, assistant-only labels, and the alignment plan.
+
+One collator serves every family: the chat template comes from the family's processor, image
+tokens and their grid from the family (:meth:`Family.image_grids`), and the DM maps from the
+attention dataset, joined by example id (never by position in a list: PITFALLS #12). A record
+without maps, or whose words match nothing, still trains ``L_VLM``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lavender.chat import Layout, adds_special_tokens, label_positions, labels_for_batch, layout
+from lavender.records import Record, load_image
+from lavender.vlm.aggregate import keys_from_grids
+from lavender.vlm.backend import CapturePlan
+from lavender.vlm.rows import ALIGN_ON, ROW_OWNERS, RowBatch, batch_rows, rows_for_batch
+from lavender.words import match_words
+
+logger = logging.getLogger(__name__)
+
+
+
+@dataclass
+class AlignmentBatch:
+    """What the attention term of one batch needs, beside the model inputs.
+
+    Attributes:
+        plan: rows and image keys to capture (:class:`lavender.vlm.backend.CapturePlan`).
+        rows: the MATCHED words of each sample and their rows (:class:`lavender.vlm.rows.RowBatch`);
+            unmatched words are not captured at all.
+        grids: per sample, the :class:`ImageGrid` of its first image (the one the DM map describes).
+        targets: ``(N, S, S)`` DM maps of the matched words, in sample then word order (moved to
+            the model's device by the trainer: PITFALLS #11).
+        attention_mask: the batch's mask (row weights r_t of the flow aggregations).
+        n_words: words considered in the batch (matched or not), for the match rate.
+        frame: the attention dataset's frame (squash / pad / center-crop).
+    """
+
+    plan: CapturePlan
+    rows: RowBatch
+    grids: list[Any]
+    targets: torch.Tensor
+    attention_mask: torch.Tensor
+    n_words: int
+    frame: str = "squash"
+
+    @property
+    def n_matched(self) -> int:
+        return int(self.targets.shape[0])
+
+
+@dataclass
+class LavenderCollator:
+    """Callable collator for :class:`transformers.Trainer` (``remove_unused_columns=False``).
+
+    Args:
+        processor: the family's processor.
+        family: the model's :class:`lavender.vlm.families.Family`.
+        config: the model's config (image token id etc.).
+        store: the attention dataset (:class:`lavender.attnstore.AttentionStore`) or ``None`` (plain SFT).
+        layers: watched layers put into each plan.
+        row_owner: ``next`` (row before each token: the paper's "predicted words") or ``query``.
+        align_on: ``answer`` (assistant words) or ``all`` (every text word after the image).
+        match: ``exact`` or ``lemma``.
+    """
+
+    processor: Any
+    family: Any
+    config: Any
+    store: Any = None
+    layers: Sequence[int] = ()
+    row_owner: str = "next"
+    align_on: str = "answer"
+    match: str = "exact"
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.row_owner not in ROW_OWNERS:
+            raise ValueError(f"row_owner must be one of {ROW_OWNERS}, got {self.row_owner!r}")
+        if self.align_on not in ALIGN_ON:
+            raise ValueError(f"align_on must be one of {ALIGN_ON}, got {self.align_on!r}")
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, records: Sequence[Record]) -> dict[str, Any]:
+        kept, images = [], []
+        for rec in records:
+            try:
+                images.append([load_image(p) for p in rec.images])
+                kept.append(rec)
+            except (OSError, ValueError) as e:  # reported and skipped, never a crash mid-run
+                self.skipped.append((rec.id, str(e)))
+                logger.warning("skipping record %s: %s", rec.id, e)
+        if not kept:
+            raise ValueError("every record of this batch is unreadable: " + "; ".join(r for _, r in self.skipped[-3:]))
+        layouts = [layout(self.processor, r.messages) for r in kept]
+        batch = self.processor(text=[lay.text for lay in layouts], images=images, padding=True,
+                               return_tensors="pt",
+                               add_special_tokens=adds_special_tokens(self.processor.tokenizer, layouts[0].text))
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        lengths = mask.sum(1).tolist()
+        left = self.processor.tokenizer.padding_side == "left"
+        offsets = [input_ids.shape[1] - n if left else 0 for n in lengths]
+        for b, lay in enumerate(layouts):
+            lay.shift = lengths[b] - len(lay.token_ids)
+            self._check_tail(input_ids[b], offsets[b], lengths[b], lay, kept[b].id)
+        batch["labels"] = labels_for_batch(
+            input_ids, [[p + off for p in label_positions(lay)] for lay, off in zip(layouts, offsets)])
+        if self.store is not None:
+            sizes = [[im.size for im in ims] for ims in images]
+            batch["lavender"] = self._alignment(kept, layouts, offsets, batch, sizes)
+        return dict(batch)
+
+    @staticmethod
+    def _check_tail(ids: torch.Tensor, off: int, length: int, lay: Layout, rec_id: str) -> None:
+        """The processor's ids after the last image must equal the tokenizer's: else labels would shift."""
+        tail = lay.token_ids[lay.first_tail_token:]
+        got = ids[off + length - len(tail): off + length].tolist()
+        if got != tail:
+            raise ValueError(f"record {rec_id!r}: the processor's tokens after the image differ from the "
+                             "tokenizer's; this processor/chat template is not supported for labelling")
+
+    # ------------------------------------------------------------------------------------------
+    def _alignment(self, recs: Sequence[Record], layouts: Sequence[Layout], offsets: Sequence[int],
+                   batch: Any, sizes: Sequence[Sequence[tuple[int, int]]]) -> AlignmentBatch:
+        input_ids = batch["input_ids"]
+        keys, key_valid, grids = keys_from_grids(
+            self.family.image_grids(batch, sizes, config=self.config, processor=self.processor), len(recs))
+        all_rows = rows_for_batch(
+            [lay.text for lay in layouts],
+            [_word_offsets(lay, off, input_ids.shape[1]) for lay, off in zip(layouts, offsets)],
+            input_ids, self.family, self.config, attention_mask=batch["attention_mask"],
+            labels=batch["labels"], align_on=self.align_on, row_owner=self.row_owner)
+        matched: list[list[Any]] = [[] for _ in recs]
+        targets = []
+        n_words = 0
+        for b, rec in enumerate(recs):
+            words = all_rows.words[b]
+            n_words += len(words)
+            entry = self.store.get(rec.id) if (grids[b] is not None and words and rec.id in self.store) else None
+            if entry is None:
+                continue
+            for w, j in zip(words, match_words([w.text for w in words], entry["words"], self.match)):
+                if j is not None:
+                    matched[b].append(w)
+                    targets.append(torch.as_tensor(entry["maps"][j], dtype=torch.float32))
+        rows = batch_rows(matched)
+        size = int(self.store.manifest.get("map_size", 32))
+        return AlignmentBatch(
+            plan=CapturePlan(list(self.layers), rows.rows, rows.row_valid, keys, key_valid),
+            rows=rows, grids=grids,
+            targets=torch.stack(targets) if targets else torch.zeros(0, size, size),
+            attention_mask=batch["attention_mask"], n_words=n_words,
+            frame=self.store.manifest.get("frame", "squash"))
+
+
+def _word_offsets(lay: Layout, off: int, length: int) -> list[tuple[int, int]]:
+    """Per processed position, the character span of its token if it can be part of a word, else (0, 0).
+
+    Only tokens after the last image placeholder, inside a message's own text and not special keep a
+    span, so template markup (role headers, end-of-turn markers) never becomes a word.
+    """
+    out = [(0, 0)] * length
+    for j in range(lay.first_tail_token, len(lay.token_ids)):
+        s, e = lay.offsets[j]
+        if lay.special[j] or not any(r.start <= s and e <= r.end for r in lay.regions):
+            continue
+        out[off + j + lay.shift] = (s, e)
+    return out

@@ -1,0 +1,372 @@
+"""Stage 1 end to end: records → per-word DM attention maps in an attention dataset.
+
+The loop is batched (``batch_size`` images per UNet call), resumable (ids already in complete shards
+are skipped) and sharded across ``accelerate launch`` processes (record i goes to process
+``i % num_processes``; each writes its own shards; the folder is one dataset). Bad records are written
+to the errors file and skipped (``strict`` stops at the first). See docs/stage1.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lavender.attnstore import AttentionWriter, update_counts
+from lavender.diffusion.capture import AttentionAccumulator, cross_attention_sides, install_capture
+from lavender.diffusion.inversion import NoiseSchedule, run_ddim, run_nulltext
+from lavender.records import Record, RecordError, dm_text, iter_records, load_image
+from lavender.words import split_words, word_token_spans
+
+log = logging.getLogger("lavender.extract")
+
+RECIPES = ("ddim", "nulltext")
+FRAMES = ("squash", "pad", "center-crop")
+NORMALIZATIONS = ("minmax", "none")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+DEFAULT_GUIDANCE = {"ddim": 1.0, "nulltext": 7.5}
+PAD_FILL = (0, 0, 0)
+
+
+@dataclass
+class ExtractConfig:
+    """Options of ``lavender extract`` (the CLI flags have the same names).
+
+    Model and data: ``dm``, ``data``, ``out``, ``images_root``, ``qa_text``.
+    Recipe: ``recipe`` (ddim | nulltext), ``steps``, ``inversion_steps`` (ddim), ``inner_steps``
+    (nulltext), ``guidance`` (None = 1.0 for ddim, 7.5 for nulltext).
+    Maps: ``map_size``, ``resolutions`` (attention-map side lengths averaged), ``frame``, ``normalize``.
+    Running: ``batch_size``, ``dtype``, ``device``, ``shard_size``, ``strict``, ``limit``.
+    """
+
+    dm: str
+    data: str
+    out: str
+    recipe: str = "ddim"
+    steps: int = 10
+    inversion_steps: int = 5
+    inner_steps: int = 5
+    guidance: float | None = None
+    map_size: int = 32
+    resolutions: list[int] = field(default_factory=lambda: [16, 32])
+    frame: str = "squash"
+    normalize: str = "minmax"
+    qa_text: str = "question+answer"
+    images_root: str | None = None
+    batch_size: int = 4
+    dtype: str = "fp32"
+    device: str | None = None
+    shard_size: int = 256
+    strict: bool = False
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (("recipe", self.recipe, RECIPES), ("frame", self.frame, FRAMES),
+                                     ("normalize", self.normalize, NORMALIZATIONS), ("dtype", self.dtype, DTYPES)):
+            if value not in choices:
+                raise ValueError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
+        if self.guidance is None:
+            self.guidance = DEFAULT_GUIDANCE[self.recipe]
+        if min(self.steps, self.inversion_steps, self.batch_size, self.map_size) < 1 or self.inner_steps < 0:
+            raise ValueError("--steps, --inversion-steps, --batch-size and --map-size must be ≥ 1, "
+                             "--inner-steps ≥ 0")
+        self.resolutions = sorted({int(r) for r in self.resolutions})
+
+
+# --------------------------------------------------------------------------------------- the model
+class DiffusionModel:
+    """The parts of a diffusers Stable Diffusion pipeline Stage 1 uses, with a UNet-call counter."""
+
+    def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                       feature_extractor=None)
+        pipe.set_progress_bar_config(disable=True)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = pipe.unet.to(self.device, dtype).eval().requires_grad_(False)
+        self.vae = pipe.vae.to(self.device, dtype).eval().requires_grad_(False)
+        self.text_encoder = pipe.text_encoder.to(self.device, dtype).eval().requires_grad_(False)
+        self.tokenizer = pipe.tokenizer
+        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        self.vae_scale = pipe.vae_scale_factor
+        self.image_size = int(pipe.unet.config.sample_size) * self.vae_scale
+        self.latent_side = int(pipe.unet.config.sample_size)
+        self.max_length = int(self.tokenizer.model_max_length)
+        self.unet_calls = 0  # UNet evaluations, counted per image in the summary
+
+    def eps(self, x: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
+        """Predicted noise in float32 for float32 latents ``x`` (B, C, h, w) and text ``emb`` (B, 77, D)."""
+        self.unet_calls += x.shape[0]
+        tt = torch.full((x.shape[0],), max(t, 0), device=x.device, dtype=torch.long)
+        return self.unet(x.to(self.dtype), tt, emb.to(self.dtype)).sample.float()
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] → latent means × scaling factor, float32 (B, 4, h, w)."""
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return dist.mean.float() * self.vae.config.scaling_factor
+
+    def tokenize(self, texts: list[str]) -> dict:
+        """Token ids (B, 77), per-token offsets and special flags, and which texts were truncated."""
+        full = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        enc = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+        enc["truncated"] = [len(ids) > self.max_length for ids in full]
+        return enc
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # SD-1.x/2.x condition on the last hidden state; no attention mask unless the encoder asks for one
+        return self.text_encoder(input_ids.to(self.device))[0].float()
+
+
+# ---------------------------------------------------------------------------------------- frames
+def frame_image(img, size: int, frame: str):
+    """Bring a PIL RGB image into the DM's ``size``×``size`` frame (METHOD.md Stage 1 step 7).
+
+    ``squash``: resize the whole image to the square (aspect ratio not kept, nothing lost);
+    ``pad``: fit the longer side, centre, pad with black (``PAD_FILL``);
+    ``center-crop``: fit the shorter side, crop the centre square (HF LLaVA's view).
+    """
+    from PIL import Image
+
+    w, h = img.size
+    if frame == "squash":
+        return img.resize((size, size), Image.BICUBIC)
+    if frame == "pad":
+        s = size / max(w, h)
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        canvas = Image.new("RGB", (size, size), PAD_FILL)
+        canvas.paste(img.resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    if frame == "center-crop":
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    raise ValueError(f"unknown --frame {frame!r}; choose one of {FRAMES}")
+
+
+def to_pixels(images: list) -> torch.Tensor:
+    """PIL RGB images of one size → (B, 3, H, W) float32 in [-1, 1]."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # (B, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------- words
+def word_maps(text: str, offsets: list[tuple[int, int]], special: list[bool], token_maps: torch.Tensor,
+              normalize: str = "minmax") -> tuple[list[str], list[tuple[int, int]], np.ndarray, int]:
+    """One map per word occurrence: mean of its tokens' maps, then normalised.
+
+    Args:
+        token_maps: (T, S, S) maps of the text's tokens (index = token position).
+    Returns (words, offsets, maps (n_words, S, S) float32, n_words_lost_to_truncation). BOS/EOS/padding
+    (special or empty-span tokens) belong to no word. ``minmax`` scales each map to [0, 1] (a constant
+    map becomes all zeros); ``none`` keeps mean attention probabilities.
+    """
+    words = split_words(text)
+    spans = word_token_spans(words, offsets, special)
+    kept_w, kept_o, maps = [], [], []
+    lost = 0
+    for w, toks in zip(words, spans):
+        if not toks:
+            lost += 1  # every token of the word fell beyond the 77-token window
+            continue
+        m = token_maps[toks].mean(0)  # (S, S)
+        if normalize == "minmax":
+            lo, hi = m.min(), m.max()
+            m = (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
+        kept_w.append(w.text)
+        kept_o.append((w.start, w.end))
+        maps.append(m)
+    side = token_maps.shape[-1]
+    arr = torch.stack(maps).cpu().numpy() if maps else np.zeros((0, side, side), np.float32)
+    return kept_w, kept_o, arr, lost
+
+
+# ---------------------------------------------------------------------------------------- the loop
+class Extractor:
+    """A loaded DM with capture installed; ``extract_batch`` turns records into word maps."""
+
+    def __init__(self, cfg: ExtractConfig, device: str | torch.device = "cpu"):
+        self.cfg = cfg
+        self.dm = DiffusionModel(cfg.dm, device, DTYPES[cfg.dtype])
+        self.sides = cross_attention_sides(self.dm.unet, self.dm.latent_side)
+        self.store = AttentionAccumulator(cfg.resolutions, cfg.batch_size, self.dm.max_length, self.dm.device)
+        self.captured = install_capture(self.dm.unet, self.store, self.sides)
+        self.dm.unet_calls = 0
+        with torch.inference_mode():
+            self.null_emb = self.dm.encode_text(self.dm.tokenize([""])["input_ids"])  # (1, 77, D)
+
+    def manifest(self) -> dict:
+        c = self.cfg
+        recipe = {"name": c.recipe, "steps": c.steps, "guidance": c.guidance}
+        recipe.update({"inversion_steps": c.inversion_steps} if c.recipe == "ddim" else {"inner_steps": c.inner_steps})
+        import diffusers
+        import transformers
+
+        from lavender import __version__
+        return {
+            "dm": {"path": str(c.dm), "class": "StableDiffusionPipeline", "image_size": self.dm.image_size},
+            "recipe": recipe,
+            "map_size": c.map_size,
+            "resolutions": c.resolutions,
+            "captured_modules": self.captured,
+            "normalization": c.normalize,
+            "frame": {"mode": c.frame, **({"fill": list(PAD_FILL), "anchor": "center"} if c.frame == "pad" else {})},
+            "text": {"source": "align_text, else caption, else conversation", "qa_text": c.qa_text,
+                     "tokenizer": type(self.dm.tokenizer).__name__, "max_length": self.dm.max_length},
+            "compute_dtype": c.dtype,
+            "dtype": "float16",
+            "software": {"lavender": __version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__, "torch": torch.__version__},
+        }
+
+    def extract_batch(self, records: list[Record], images: list) -> tuple[list[dict], float]:
+        """Maps for up to ``batch_size`` records with loaded PIL images; returns per-record results and the
+        mean latent reconstruction MSE of the batch (how well the recipe inverted the images)."""
+        c, dm = self.cfg, self.dm
+        n = len(records)
+        texts = [dm_text(r, c.qa_text) for r in records]
+        pixels = to_pixels([frame_image(im, dm.image_size, c.frame) for im in images])
+        x0 = dm.encode_images(pixels)
+        enc = dm.tokenize(texts)
+        cond = dm.encode_text(enc["input_ids"])
+        uncond = self.null_emb.expand(n, -1, -1)
+        self.store.reset(n)
+        if c.recipe == "ddim":
+            x_rec = run_ddim(dm.eps, x0, cond, uncond, dm.schedule, self.store, c.steps, c.inversion_steps, c.guidance)
+        else:
+            x_rec = run_nulltext(dm.eps, x0, cond, uncond, dm.schedule, self.store, c.steps, c.inner_steps,
+                                 c.guidance)
+        mse = float(((x_rec - x0) ** 2).mean())
+        token_maps = self.store.token_maps(c.map_size)  # (n, 77, S, S)
+        out = []
+        for j, (rec, text, im) in enumerate(zip(records, texts, images)):
+            offsets = [tuple(o) for o in enc["offset_mapping"][j].tolist()]
+            special = [bool(s) for s in enc["special_tokens_mask"][j].tolist()]
+            words, offs, maps, lost = word_maps(text, offsets, special, token_maps[j], c.normalize)
+            out.append({"id": rec.id, "words": words, "offsets": offs, "maps": maps, "truncated": enc["truncated"][j],
+                        "words_lost": lost, "image_size": list(im.size)})
+        return out, mse
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i: i + size]
+
+
+def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
+    """Run Stage 1 for this process's share of the records; returns the summary (all processes merged).
+
+    Raises :class:`RecordError` on the first bad record when ``cfg.strict``.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    device = cfg.device or ("cpu" if state.device.type == "mps" else str(state.device))
+    ext = Extractor(cfg, device)
+    writer = AttentionWriter(cfg.out, ext.manifest(), rank=rank, shard_size=cfg.shard_size)
+    done = writer.done_ids()
+    stats = {"done": 0, "skipped": 0, "failed": 0, "truncated": 0, "words": 0, "seconds": 0.0, "unet_evals": 0,
+             "recon_mse_sum": 0.0}
+
+    def fail(index: int, rid: str | None, reason: str) -> None:
+        stats["failed"] += 1
+        writer.add_error(index, rid, reason)
+        if cfg.strict:
+            writer.close()
+            raise RecordError(index, rid, reason)
+
+    # every process reads all rows (cheap) so duplicate ids are found globally; it keeps row i iff i % world == rank
+    todo: list[Record] = []
+    seen: set[str] = set()
+    for i, r in enumerate(iter_records(cfg.data, cfg.images_root)):
+        if cfg.limit is not None and i >= cfg.limit:
+            break
+        mine = i % world == rank
+        if isinstance(r, RecordError):
+            if mine:
+                fail(r.index, r.record_id, r.reason)
+            continue
+        if r.id in seen:
+            if mine:
+                fail(r.index, r.id, f"duplicate id {r.id!r}; ids must be unique (maps are keyed by id)")
+            continue
+        seen.add(r.id)
+        if not mine:
+            continue
+        if r.id in done:
+            stats["skipped"] += 1
+        else:
+            todo.append(r)
+
+    bar = tqdm(total=len(todo), disable=not progress or rank != 0, desc="extract", unit="img")
+    t0 = time.perf_counter()
+    try:
+        pending: list[tuple[Record, object]] = []
+
+        def run(batch: list[tuple[Record, object]]) -> None:
+            calls0 = ext.dm.unet_calls
+            results, mse = ext.extract_batch([r for r, _ in batch], [im for _, im in batch])
+            stats["unet_evals"] += ext.dm.unet_calls - calls0
+            stats["recon_mse_sum"] += mse * len(batch)
+            for (rec, _), res in zip(batch, results):
+                if not res["words"]:
+                    fail(rec.index, rec.id, "the text has no words inside the DM's 77-token window")
+                    continue
+                if res["truncated"]:
+                    stats["truncated"] += 1
+                    log.warning("record %d (id %r): text longer than %d DM tokens was truncated; %d word(s) "
+                                "beyond it got no map", rec.index, rec.id, ext.dm.max_length, res["words_lost"])
+                writer.add(rec.id, res["words"], res["offsets"], res["maps"],
+                           extra={"image_size": res["image_size"], "truncated": res["truncated"],
+                                  "words_lost": res["words_lost"]})
+                stats["done"] += 1
+                stats["words"] += len(res["words"])
+            bar.update(len(batch))
+
+        for rec in todo:
+            try:
+                img = load_image(rec.images[0])
+            except ValueError as e:
+                fail(rec.index, rec.id, str(e))
+                bar.update(1)
+                continue
+            pending.append((rec, img))
+            if len(pending) == cfg.batch_size:
+                run(pending)
+                pending = []
+        if pending:
+            run(pending)
+    finally:
+        writer.close()
+        bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+
+    merged = gather_object([stats]) if world > 1 else [stats]
+    state.wait_for_everyone()
+    summary = {k: sum(s[k] for s in merged) for k in stats}
+    summary["seconds"] = max(s["seconds"] for s in merged)
+    summary["images_per_s"] = summary["done"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
+    summary["unet_evals_per_image"] = summary["unet_evals"] / summary["done"] if summary["done"] else 0.0
+    summary["recon_mse"] = summary.pop("recon_mse_sum") / summary["done"] if summary["done"] else math.nan
+    summary["processes"] = world
+    summary["config"] = asdict(cfg)
+    if rank == 0:
+        summary["dataset"] = update_counts(cfg.out)
+    state.wait_for_everyone()
+    summary["out"] = str(Path(cfg.out))
+    return summary

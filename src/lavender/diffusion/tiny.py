@@ -1,0 +1,154 @@
+"""A tiny, randomly initialised Stable-Diffusion-architecture pipeline, built offline.
+
+Used by tests and benchmarks so Stage 1 runs through the real diffusers code paths without a download.
+The layout mirrors SD-1.x at a miniature scale:
+
+- images are 64×64 px; the VAE downsamples by 2, so the latent is 4×32×32;
+- the UNet has two ``CrossAttn`` down blocks and two ``CrossAttn`` up blocks, so cross-attention
+  (``attn2``) exists at two resolutions, **32×32 and 16×16 attention maps** (the mid block is also at
+  16×16) — the same side lengths as ``--resolutions``' default (16 and 32), which for SD-1.x at 512 px
+  are the 32×32 and 16×16 levels of its 64/32/16/8 pyramid;
+- the text encoder is a 2-layer CLIP of width 32, and the tokenizer a byte-level CLIP BPE whose
+  vocabulary/merges are written here (whole-word merges for a few hundred common words, everything
+  else falls back to characters — which gives the multi-token words the word-merging code must handle).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+IMAGE_SIZE = 64
+
+# Words that become single tokens; anything else is split into characters (multi-token words).
+_WORDS = (
+    "a an the of and in on at to with is are was be this that it there what which where how many "
+    "red green blue yellow black white orange purple pink grey gray brown "
+    "circle square triangle star cross shape shapes object objects left right above below top bottom "
+    "big small large tiny dog cat photo picture image man woman person sitting standing next near "
+    "car tree house table chair one two three four five yes no color colour"
+).split()
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte→printable-character table (so every byte has a vocab entry)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def build_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """A small CLIP BPE: all bytes (with and without ``</w>``), then left-to-right merges of ``_WORDS``."""
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    seen = set(tokens)
+    for word in _WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            merge = f"{cur} {nxt}"
+            cur = cur + nxt
+            if cur not in seen:
+                merges.append(merge)
+                tokens.append(cur)
+                seen.add(cur)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def make_tokenizer(out: str | Path):
+    """Write ``vocab.json``/``merges.txt`` to ``out`` and return a ``CLIPTokenizer`` saved there."""
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_vocab_and_merges()
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # loading from the written files is the same path a hub checkpoint's tokenizer takes
+    tok = CLIPTokenizer.from_pretrained(out, model_max_length=77)
+    tok.save_pretrained(out)
+    return tok
+
+
+def make_tiny_dm(out: str | Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline with weights from ``seed`` and ``save_pretrained`` it to ``out``.
+
+    Loadable with ``StableDiffusionPipeline.from_pretrained(out)``, exactly like a hub checkpoint.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(out / "tokenizer")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,  # diffusers' legacy name: this is the number of heads
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return out

@@ -1,0 +1,462 @@
+"""Stage 2 training: ``L = L_VLM + λ(step) · L_att`` on transformers' :class:`~transformers.Trainer`.
+
+Only ``compute_loss``, ``training_step`` (to clear the capture after ``backward``), ``log`` and the
+save/load hooks are overridden, so FSDP, DeepSpeed, gradient accumulation, mixed precision,
+schedulers, ``report_to`` and checkpointing all come from the libraries.
+
+Reductions (state them wherever λ is quoted): ``L_VLM`` is the mean token cross-entropy over the
+batch's assistant tokens, as HF models return it; ``L_att`` is the mean over the batch's matched
+words of the per-pixel mean squared error between the Aligner's map and the DM's map (both
+min–max normalised to [0, 1]). With these, the authors' default λ = 10 is meaningful.
+
+The Lavender head (Aligner, and the ``learn`` projections when used) is a submodule of the trained
+model, so DDP/FSDP see its parameters, but it is saved beside the adapter in
+``lavender_head.safetensors``: the adapter folder stays a plain PEFT folder that
+``PeftModel.from_pretrained(base, RUN_DIR)`` loads (inference needs no Aligner), and
+:func:`load_head` restores it for resuming and analysis (PITFALLS #15).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lavender.loss import attention_loss
+from lavender.vlm.aggregate import aggregate
+
+HEAD_WEIGHTS = "lavender_head.safetensors"
+HEAD_CONFIG = "lavender_head.json"
+RUN_CONFIG = "lavender_run.json"
+METRICS = "metrics.jsonl"
+SCHEDULES = ("constant", "exp-decay", "linear-warmup")
+
+
+@dataclass
+class LavenderArguments(TrainingArguments):
+    """Arguments of ``lavender train``: transformers' ``TrainingArguments`` plus the method's own.
+
+    Data and model:
+        model, data, attention, images_root
+    Fine-tuning:
+        lora (default) or full; lora_r, lora_alpha, lora_dropout, lora_target
+    The attention term:
+        lambda_att, lambda_schedule, lambda_decay_steps, lambda_warmup_steps, aligner_pretrain_steps,
+        aggregation, aligner, aligner_norm, aligner_act, match, layers, row_owner, align_on
+    Run control:
+        resume, strict
+
+    Changed defaults: ``output_dir`` is required (``--out``), ``remove_unused_columns=False`` (the
+    collator needs the whole record), ``logging_steps=1``, ``save_total_limit=2``,
+    ``save_strategy="steps"`` with ``save_steps=100``, ``learning_rate=1e-4`` (paper, Sec. 8),
+    ``lr_scheduler_type="constant"``.
+    """
+
+    model: str = field(default="", metadata={"help": "VLM checkpoint: a local folder or a hub id"})
+    data: str = field(default="", metadata={"help": "records (JSONL file or a saved HF dataset)"})
+    attention: str | None = field(default=None, metadata={
+        "help": "attention dataset from `lavender extract`; without it training is plain SFT"})
+    images_root: str | None = field(default=None, metadata={"help": "folder image paths are relative to"})
+    lora: bool = field(default=True, metadata={"help": "train a LoRA adapter (default); --full for full fine-tuning"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target: str | None = field(default=None, metadata={
+        "help": "regex (re.fullmatch on module names) of LoRA targets; default: the family's"})
+    lambda_att: float = field(default=10.0, metadata={
+        "help": "λ, weight of L_att (reductions: see module docs); 0 = plain autoregressive fine-tuning",
+        "aliases": ["--lambda"]})
+    lambda_schedule: Literal["constant", "exp-decay", "linear-warmup"] = field(default="constant", metadata={
+        "help": "λ over steps: constant, exp-decay (λ·exp(-step/decay_steps)), linear-warmup"})
+    lambda_decay_steps: int = field(default=1000, metadata={"help": "time constant of exp-decay"})
+    lambda_warmup_steps: int = field(default=100, metadata={"help": "steps of linear-warmup"})
+    aligner_pretrain_steps: int = field(default=0, metadata={
+        "help": "first P steps train only the Aligner (and learn projections) on L_att, the VLM frozen"})
+    aggregation: str = field(default="heads", metadata={
+        "help": "heads→map aggregation: heads (Aligner over heads-as-channels), mean-mean, mean-max, "
+                "max-mean, max-max, flow-mult, flow-sum, learn"})
+    aligner: Literal["light", "sim", "deep", "mlp"] = field(default="sim", metadata={"help": "Aligner variant"})
+    aligner_norm: Literal["instance", "batch"] = field(default="instance", metadata={"help": "Aligner norm"})
+    aligner_act: Literal["relu6", "leakyrelu"] = field(default="relu6", metadata={"help": "Aligner activation"})
+    match: Literal["exact", "lemma"] = field(default="exact", metadata={"help": "VLM↔DM word matching"})
+    layers: str | None = field(default=None, metadata={
+        "help": "comma-separated layer indices to watch; default: the family's (Mllama: all cross-attention)"})
+    row_owner: Literal["next", "query"] = field(default="next", metadata={
+        "help": "next: the row before a word's token (paper's predicted words); query: the word's own rows"})
+    align_on: Literal["answer", "all"] = field(default="answer", metadata={
+        "help": "align the answer's words, or every text word after the image"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --out"})
+    strict: bool = field(default=False, metadata={"help": "stop at the first bad record instead of skipping it"})
+
+    # changed defaults of TrainingArguments
+    output_dir: str | None = field(default=None, metadata={"help": "RUN_DIR (alias --out)", "aliases": ["--out"]})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep False: the collator needs records"})
+    logging_steps: float = field(default=1, metadata={"help": "log every N steps"})
+    save_steps: float = field(default=100, metadata={"help": "checkpoint every N steps"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (paper: 1e-4)"})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept in RUN_DIR"})
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ValueError("--out RUN_DIR is required")
+        super().__post_init__()
+        if self.lambda_att < 0:
+            raise ValueError(f"--lambda must be >= 0, got {self.lambda_att}")
+        if self.lambda_schedule not in SCHEDULES:
+            raise ValueError(f"--lambda-schedule must be one of {SCHEDULES}")
+        if self.aligner_pretrain_steps and not self.attention:
+            raise ValueError("--aligner-pretrain-steps needs --attention (there is nothing to pre-train on)")
+
+    def layer_list(self) -> list[int] | None:
+        return [int(x) for x in str(self.layers).split(",") if x.strip()] if self.layers else None
+
+
+def lambda_at(step: int, lam: float, schedule: str = "constant", decay_steps: int = 1000,
+              warmup_steps: int = 100) -> float:
+    """λ at optimiser step ``step``; always within ``[0, lam]`` (PITFALLS #18: the authors' inverse decay
+    went negative for λ > 1)."""
+    if lam <= 0:
+        return 0.0
+    if schedule == "constant":
+        f = 1.0
+    elif schedule == "exp-decay":
+        f = math.exp(-max(step, 0) / max(decay_steps, 1))
+    elif schedule == "linear-warmup":
+        f = min(1.0, max(step, 0) / max(warmup_steps, 1))
+    else:
+        raise ValueError(f"unknown lambda schedule {schedule!r}; choose one of {SCHEDULES}")
+    return lam * min(max(f, 0.0), 1.0)
+
+
+class LavenderHead(nn.Module):
+    """The trainable parts Lavender adds: the Aligner and, for ``learn``, the parallel projections."""
+
+    def __init__(self, aligner: nn.Module, learn: nn.Module | None = None, config: dict | None = None) -> None:
+        super().__init__()
+        self.aligner = aligner
+        self.learn = learn
+        self.config = dict(config or {})
+
+    def zero_touch(self) -> torch.Tensor:
+        """0 connected to every head parameter: keeps DDP happy on a batch where nothing matches."""
+        return sum((p.sum() for p in self.parameters()), torch.zeros(())) * 0.0
+
+
+def save_head(head: LavenderHead, out_dir: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, os.path.join(out_dir, HEAD_WEIGHTS))
+    with open(os.path.join(out_dir, HEAD_CONFIG), "w") as f:
+        json.dump(head.config, f, indent=2)
+
+
+def load_head_state(head: LavenderHead, run_dir: str) -> bool:
+    """Load saved head weights into ``head``; False when ``run_dir`` has none."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(run_dir, HEAD_WEIGHTS)
+    if not os.path.exists(path):
+        return False
+    head.load_state_dict(load_file(path))
+    return True
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl``.
+
+    On resume, lines past the resumed step (logged after the last checkpoint by a killed run) are
+    dropped first, so the file continues at the next step and never repeats one.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= state.global_step]
+        with open(self.path, "w") as f:
+            f.writelines(lines)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class LavenderTrainer(Trainer):
+    """:class:`~transformers.Trainer` whose loss adds λ·L_att.
+
+    Args:
+        head: the :class:`LavenderHead` (``None`` for plain SFT); must already be a submodule of ``model``.
+        capture: the armed-per-step :class:`lavender.vlm.backend.AttentionCapture` (``None`` for SFT).
+        aggregation: how heads and layers are pooled (:data:`lavender.vlm.aggregate.AGGREGATIONS`).
+    """
+
+    def __init__(self, *args: Any, head: LavenderHead | None = None, capture: Any = None,
+                 aggregation: str = "heads", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head = head
+        self.capture = capture
+        self.aggregation = aggregation
+        # L_VLM must be a per-batch mean (like L_att) so that λ means the same under gradient
+        # accumulation; the Trainer then divides the sum by the accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        self._acc: dict[str, list[float]] = {}
+        self._frozen: list[nn.Parameter] = []
+
+    # --- the loss ---------------------------------------------------------------------------------
+    def current_lambda(self) -> float:
+        a = self.args
+        return lambda_at(self.state.global_step, a.lambda_att, a.lambda_schedule, a.lambda_decay_steps,
+                         a.lambda_warmup_steps)
+
+    def in_aligner_pretraining(self) -> bool:
+        return self.head is not None and self.state.global_step < self.args.aligner_pretrain_steps
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        align = inputs.pop("lavender", None)
+        lam = self.current_lambda()
+        pretrain = self.in_aligner_pretraining()
+        use_att = self.head is not None and align is not None and (lam > 0 or pretrain)
+        if use_att and align.n_matched:
+            self.capture.arm(align.plan)
+        outputs = model(**inputs)
+        loss_vlm = outputs.loss
+        loss_att = self.head.zero_touch().to(loss_vlm.device) if self.head is not None else loss_vlm.new_zeros(())
+        if use_att and align.n_matched:
+            pred = self.head.aligner(self.word_maps(align))  # (N, S, S)
+            target = align.targets.to(pred.device, pred.dtype)  # PITFALLS #11: moved with the batch
+            loss_att = loss_att + attention_loss(pred, target)[0]
+        loss = loss_att if pretrain else loss_vlm + lam * loss_att
+        self._record(loss_vlm=loss_vlm, loss_att=loss_att, lam=lam, align=align)
+        return (loss, outputs) if return_outputs else loss
+
+    def word_maps(self, align: Any) -> torch.Tensor:
+        """``(N, C, S, S)`` VLM maps of the batch's matched words, in the DM dataset's frame."""
+        per_sample = aggregate(self.capture.maps, align.rows, align.grids, self.aggregation,
+                               attention_mask=align.attention_mask, frame=align.frame,
+                               size=align.targets.shape[-1])
+        return torch.cat(per_sample)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        self._set_pretrain_freeze(self.in_aligner_pretraining())
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if self.capture is not None:
+                self.capture.clear()  # after backward: checkpoint recomputation needed the plan
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._set_pretrain_freeze(False)  # a run that ends inside pre-training leaves nothing frozen
+
+    def _set_pretrain_freeze(self, freeze: bool) -> None:
+        """During Aligner pre-training only head parameters get gradients (the VLM is frozen)."""
+        if freeze and not self._frozen:
+            head_params = {id(p) for p in self.head.parameters()}
+            self._frozen = [p for p in self.model.parameters() if p.requires_grad and id(p) not in head_params]
+            for p in self._frozen:
+                p.requires_grad_(False)
+        elif not freeze and self._frozen:
+            for p in self._frozen:
+                p.requires_grad_(True)
+            self._frozen = []
+
+    # --- logging ----------------------------------------------------------------------------------
+    def _record(self, loss_vlm: torch.Tensor, loss_att: torch.Tensor, lam: float, align: Any) -> None:
+        acc = self._acc
+        acc.setdefault("loss_vlm", []).append(float(loss_vlm.detach()))
+        acc.setdefault("loss_att", []).append(float(loss_att.detach()))
+        acc.setdefault("lambda", []).append(lam)
+        if align is not None:
+            acc.setdefault("_matched", []).append(align.n_matched)
+            acc.setdefault("_words", []).append(align.n_words)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._acc and "loss" in logs:
+            acc, self._acc = self._acc, {}
+            for k in ("loss_vlm", "loss_att", "lambda"):
+                if acc.get(k):
+                    logs[k] = sum(acc[k]) / len(acc[k])
+            words = sum(acc.get("_words", []))
+            logs["match_rate"] = (sum(acc.get("_matched", [])) / words) if words else 0.0
+            logs["skipped_records"] = len(getattr(self.data_collator, "skipped", []))
+        super().log(logs, start_time)
+
+    # --- saving and resuming the head -------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.head is not None:
+            # keep the saved model/adapter plain: the head goes to its own file
+            if state_dict is None:
+                state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+            state_dict = {k: v for k, v in state_dict.items() if ".lavender_head." not in f".{k}"}
+        super()._save(output_dir, state_dict=state_dict)
+        if self.head is not None and self.args.should_save:
+            save_head(self.head, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.head is not None and not load_head_state(self.head, resume_from_checkpoint):
+            raise FileNotFoundError(f"{resume_from_checkpoint} has no {HEAD_WEIGHTS}; cannot resume the Aligner")
+
+
+# --- the whole run ----------------------------------------------------------------------------------
+def load_vlm(path: str, dtype: Any = None) -> tuple[nn.Module, Any, Any]:
+    """``(model, processor, family)`` of a VLM folder or hub id, or of a LoRA run folder (adapter applied)."""
+    from transformers import AutoModelForImageTextToText
+
+    from lavender.vlm.families import family_for_path
+
+    adapter_cfg = os.path.join(path, "adapter_config.json")
+    if os.path.exists(adapter_cfg):
+        from peft import PeftModel
+
+        with open(adapter_cfg) as f:
+            base_path = json.load(f)["base_model_name_or_path"]
+        family = family_for_path(base_path)
+        model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype)
+        model = PeftModel.from_pretrained(model, path)
+        proc_path = path if os.path.exists(os.path.join(path, "processor_config.json")) or \
+            os.path.exists(os.path.join(path, "preprocessor_config.json")) else base_path
+        return model, family.load_processor(proc_path), family
+    family = family_for_path(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    return model, family.load_processor(path), family
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """The usable records of a file; bad ones are reported (and counted) up front, not mid-run."""
+
+    def __init__(self, source: str, images_root: str | None = None, strict: bool = False) -> None:
+        from lavender.records import RecordError, iter_records
+
+        self.records, self.errors = [], []
+        for item in iter_records(source, images_root=images_root):
+            if isinstance(item, RecordError):
+                if strict:
+                    raise item
+                self.errors.append(item)
+            elif not any(m["role"] == "assistant" for m in item.messages):
+                err = RecordError(item.index, item.id, "no assistant turn: nothing to train on")
+                if strict:
+                    raise err
+                self.errors.append(err)
+            else:
+                self.records.append(item)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.records[i]
+
+
+def last_checkpoint(run_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+
+
+def run_training(args: LavenderArguments) -> LavenderTrainer:
+    """Build everything from ``args``, train (resuming if asked) and save to ``args.output_dir``."""
+    import logging
+
+    log = logging.getLogger("lavender.train")
+    trainer = build_trainer(args)
+    resume = last_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and resume is None:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, RUN_CONFIG), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+                  f, indent=2, default=str)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    n_bad, n_skipped = len(trainer.train_dataset.errors), len(trainer.data_collator.skipped)
+    if n_bad or n_skipped:
+        log.warning("%d records skipped before training, %d while loading images", n_bad, n_skipped)
+    return trainer
+
+
+def build_trainer(args: LavenderArguments) -> LavenderTrainer:
+    """Model (+LoRA), head, capture, collator and trainer from ``args``, ready to ``train()``."""
+    import logging
+
+    from lavender.aligner import Aligner
+    from lavender.data_collator import LavenderCollator
+    from lavender.vlm.aggregate import LearnedProjections
+    from lavender.vlm.backend import enable_capture
+
+    log = logging.getLogger("lavender.train")
+    dataset = RecordDataset(args.data, args.images_root, strict=args.strict)
+    for err in dataset.errors:
+        log.warning("skipped %s", err)
+    if not len(dataset):
+        raise ValueError(f"{args.data}: no usable record ({len(dataset.errors)} bad)")
+    model, processor, family = load_vlm(args.model)
+    store = None
+    if args.attention and args.lambda_att > 0:
+        from lavender.attnstore import AttentionStore
+
+        store = AttentionStore(args.attention)
+    layers = args.layer_list() or family.default_layers(model)
+
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        target = args.lora_target or family.lora_target_regex
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout, target_modules=target))
+
+    head = capture = None
+    if store is not None:
+        learn = None
+        if args.aggregation == "learn":
+            modules = family.attention_modules(_unwrap(model))
+            learn = LearnedProjections({i: modules[i] for i in layers}).attach()
+        in_ch = _heads(model, family, layers) if args.aggregation == "heads" else 1
+        aligner = Aligner(in_ch, args.aligner, args.aligner_norm, args.aligner_act)
+        head = LavenderHead(aligner, learn, config={**aligner.config, "aggregation": args.aggregation,
+                                                     "layers": layers})
+        model.add_module("lavender_head", head)
+        capture = enable_capture(model, family, layers=layers, projector=learn)
+
+    collator = LavenderCollator(processor, family, _unwrap(model).config, store, layers, args.row_owner,
+                                args.align_on, args.match)
+    return LavenderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                           processing_class=processor, head=head, capture=capture, aggregation=args.aggregation,
+                           callbacks=[MetricsCallback(os.path.join(args.output_dir, METRICS))])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _heads(model: nn.Module, family: Any, layers: list[int]) -> int:
+    """Number of query heads of the watched layers (the Aligner's channels under ``heads``)."""
+    modules = family.attention_modules(_unwrap(model))
+    m = modules[layers[0]]
+    n = getattr(m, "num_heads", None) or getattr(getattr(m, "config", None), "num_attention_heads", None)
+    if n is None:
+        n = m.q_proj.out_features // m.head_dim
+    return int(n)

@@ -1,0 +1,241 @@
+"""Text→image attention capture through a registered transformers attention backend.
+
+transformers 5 looks every text attention module's kernel up by name
+(``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)``), so capture is a
+backend named ``"lavender"`` and not a fork of any modeling file:
+
+* every layer's OUTPUT still comes from :func:`sdpa_attention_forward` (fused, unchanged numerics);
+* only the watched layers (by ``module.layer_idx``) additionally compute
+  ``softmax(q · kᵀ · scaling + mask)`` for the few query rows that will be aligned (a per-sample
+  ``(B, R)`` row index) over ALL keys, then keep the image-key columns (a per-sample ``(B, K)`` key
+  index). Normalising over all keys first is what makes the slice equal to the eager model's
+  probabilities. Nothing is detached: L_att's gradient reaches q/k projections (and LoRA on them).
+
+The mask builder is registered too (``AttentionMaskInterface``): without it transformers silently
+passes ``mask=None`` to an unknown backend, dropping padding and prefix masks (HF_NOTES.md).
+
+State is per step (PITFALLS #9, #10): the caller arms an :class:`AttentionCapture` with a
+:class:`CapturePlan` before the forward, reads ``capture.maps`` after it and clears it after
+``backward``. Maps are stored by layer (overwritten, never appended), so the recomputation that
+gradient checkpointing (``use_reentrant=False``) runs during ``backward`` cannot add stale maps.
+That recomputation MUST re-run the same ops (checkpointing matches saved tensors by order), so the
+capture stays armed until ``backward`` is done; :meth:`AttentionCapture.clear` then disarms it.
+
+Typical use (the trainer)::
+
+    capture = enable_capture(model, family)            # once
+    capture.arm(CapturePlan(layers, rows, row_valid, keys, key_valid))
+    out = model(**batch)
+    maps = capture.maps                                # {layer: (B, H, R, K)}
+    loss = out.loss + lam * l_att(maps)
+    loss.backward()
+    capture.clear()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+BACKEND_NAME = "lavender"
+
+#: ``projector(module, query, key) -> (query, key)``: replaces the q/k the probabilities are computed
+#: from (the ``learn`` aggregation's parallel projections); the model's output never sees it.
+Projector = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class CapturePlan:
+    """What one step captures. All tensors are per sample of the batch, padded.
+
+    Attributes:
+        layers: ``layer_idx`` values of the watched attention modules.
+        rows: ``(B, R)`` long, query positions (token indices) to keep; padded entries may be any
+            valid index (0), they are zeroed through ``row_valid``.
+        row_valid: ``(B, R)`` bool.
+        keys: ``(B, K)`` long, key positions of the image tokens, in the order the grid expects.
+        key_valid: ``(B, K)`` bool (samples with fewer image tokens are padded).
+    """
+
+    layers: Sequence[int]
+    rows: torch.Tensor
+    row_valid: torch.Tensor
+    keys: torch.Tensor
+    key_valid: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.rows.shape != self.row_valid.shape or self.keys.shape != self.key_valid.shape:
+            raise ValueError(f"CapturePlan: rows {tuple(self.rows.shape)} / row_valid "
+                             f"{tuple(self.row_valid.shape)} and keys {tuple(self.keys.shape)} / key_valid "
+                             f"{tuple(self.key_valid.shape)} must have matching shapes")
+        if self.rows.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"CapturePlan: rows cover {self.rows.shape[0]} samples but keys cover "
+                             f"{self.keys.shape[0]}; build both from the same batch")
+
+
+class AttentionCapture:
+    """Per-step holder of the plan and of the captured maps ``{layer: (B, H, R, K)}`` (float32).
+
+    Args:
+        causal: the mask to assume when the model passes ``mask=None`` (transformers does so for a
+            pure causal, unpadded batch). ``False`` for cross-attention (Mllama), whose keys are
+            image tokens only.
+        projector: optional :data:`Projector` (the ``learn`` aggregation).
+    """
+
+    def __init__(self, causal: bool = True, projector: Projector | None = None) -> None:
+        self.causal = causal
+        self.projector = projector
+        self.plan: CapturePlan | None = None
+        self.maps: dict[int, torch.Tensor] = {}
+
+    # --- per-step life cycle ------------------------------------------------------------------
+    def arm(self, plan: CapturePlan) -> None:
+        """Set the plan for the next forward (and its backward) and drop the previous step's maps."""
+        self.plan = plan
+        self.maps = {}
+
+    def clear(self) -> None:
+        """Disarm and free the maps; call after ``backward`` (checkpoint recomputation needs the plan)."""
+        self.plan = None
+        self.maps = {}
+
+    def __enter__(self) -> AttentionCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+
+    def watching(self, layer_idx: int | None) -> bool:
+        return self.plan is not None and layer_idx is not None and layer_idx in self.plan.layers
+
+    # --- the slice ----------------------------------------------------------------------------
+    def record(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float | None, is_causal: bool | None) -> None:
+        """Compute and store the watched slice of ``module``'s attention probabilities."""
+        plan = self.plan
+        assert plan is not None
+        if self.projector is not None:
+            query, key = self.projector(module, query, key)
+        self.maps[module.layer_idx] = attention_slice(
+            query, key, mask, plan, scaling=scaling,
+            causal=self.causal if is_causal is None else is_causal,
+        )
+
+
+def attention_slice(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, plan: CapturePlan,
+                    scaling: float | None = None, causal: bool = True) -> torch.Tensor:
+    """``softmax(q kᵀ · scaling + mask)`` for the plan's rows over all keys, then the plan's key columns.
+
+    Args:
+        query: ``(B, H, T, D)``; key: ``(B, Hkv, S, D)`` (GQA: H = Hkv · groups).
+        mask: ``None`` (→ ``causal`` decides), bool ``(B|1, 1|H, T, S)`` (True = attend) or additive
+            float of that shape.
+    Returns:
+        ``(B, H, R, K)`` float32 probabilities; invalid rows/keys are 0.
+    """
+    bsz, heads, t_len, dim = query.shape
+    kv_heads, s_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    rows = plan.rows.to(query.device)
+    n_rows = rows.shape[1]
+    scaling = dim**-0.5 if scaling is None else scaling
+    # gather the R query rows: (B, H, R, D)
+    q = query.gather(2, rows[:, None, :, None].expand(bsz, heads, n_rows, dim))
+    # GQA without materialising repeat_kv: group g of kv head j is query head j * groups + g
+    q = q.reshape(bsz, kv_heads, groups * n_rows, dim)  # (B, Hkv, G*R, D)
+    scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # (B, Hkv, G*R, S)
+    scores = scores.reshape(bsz, heads, n_rows, s_len)  # (B, H, R, S)
+    neg = torch.finfo(scores.dtype).min
+    if mask is None:
+        if causal:
+            # queries are the last T positions of S keys (S == T without a cache)
+            allowed = torch.arange(s_len, device=scores.device)[None, :] <= (rows + (s_len - t_len))[..., None]
+            scores = scores.masked_fill(~allowed[:, None], neg)  # allowed: (B, R, S)
+    else:
+        m = mask[..., :s_len]  # (Bm, Hm, Tm, S); Bm, Tm may be 1 (broadcast)
+        m = m.expand(bsz, m.shape[1], t_len, s_len)  # a view, no copy
+        m_rows = m.gather(2, rows[:, None, :, None].expand(bsz, m.shape[1], n_rows, s_len))  # (B, Hm, R, S)
+        if m_rows.dtype == torch.bool:
+            scores = scores.masked_fill(~m_rows, neg)
+        else:
+            scores = scores + m_rows.float()
+    probs = torch.softmax(scores, dim=-1)  # over ALL keys, as the model does
+    keys = plan.keys.to(query.device)
+    out = probs.gather(3, keys[:, None, None, :].expand(bsz, heads, n_rows, keys.shape[1]))  # (B, H, R, K)
+    valid = plan.row_valid.to(out.device)[:, None, :, None] & plan.key_valid.to(out.device)[:, None, None, :]
+    return out * valid
+
+
+# --- the registered backend -------------------------------------------------------------------------
+_ACTIVE: list[AttentionCapture] = []
+
+
+def lavender_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                               scaling: float | None = None, is_causal: bool | None = None,
+                               **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA for the output; the watched slice for the armed capture of the model ``module`` belongs to."""
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                    scaling=scaling, is_causal=is_causal, **kwargs)
+    capture = getattr(module, "_lavender_capture", None)
+    if capture is not None and capture.watching(getattr(module, "layer_idx", None)):
+        capture.record(module, query, key, attention_mask, scaling, is_causal)
+    return out, None
+
+
+def register_backend() -> None:
+    """Register the ``"lavender"`` attention function and its mask builder (idempotent)."""
+    AttentionInterface.register(BACKEND_NAME, lavender_attention_forward)
+    AttentionMaskInterface.register(BACKEND_NAME, sdpa_mask)
+
+
+def enable_capture(model: nn.Module, family: Any, layers: Sequence[int] | None = None,
+                   projector: Projector | None = None) -> AttentionCapture:
+    """Switch the text model of ``model`` to the capture backend and return its capture object.
+
+    The vision tower keeps its own implementation (SDPA). The capture is attached to the watched
+    family modules (``module._lavender_capture``), so two models in one process never share state.
+
+    Args:
+        model: a transformers VLM (or a PEFT model wrapping one).
+        family: its :class:`lavender.vlm.families.Family`.
+        layers: layers that CAN be watched (default: the family's ``default_layers``); each step's
+            plan picks among them.
+        projector: see :class:`AttentionCapture`.
+    """
+    register_backend()
+    base = _base_model(model)
+    base.set_attn_implementation({family.text_config_name(): BACKEND_NAME})
+    capture = AttentionCapture(causal=not family.cross_attention, projector=projector)
+    modules = family.attention_modules(base)
+    chosen = list(family.default_layers(base) if layers is None else layers)
+    missing = [i for i in chosen if i not in modules]
+    if missing:
+        raise ValueError(f"layers {missing} are not watchable attention layers of this {family.name} model; "
+                         f"choose among {sorted(modules)}")
+    for module in modules.values():
+        module._lavender_capture = capture
+    return capture
+
+
+def disable_capture(model: nn.Module, family: Any, implementation: str = "sdpa") -> None:
+    """Undo :func:`enable_capture`: the text model back to ``implementation``, captures detached."""
+    base = _base_model(model)
+    base.set_attn_implementation({family.text_config_name(): implementation})
+    for module in family.attention_modules(base).values():
+        if hasattr(module, "_lavender_capture"):
+            del module._lavender_capture
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (``set_attn_implementation`` lives there)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model

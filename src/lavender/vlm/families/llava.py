@@ -1,0 +1,100 @@
+"""LLaVA-1.5 (``llava``): image tokens inside the language model's self-attention.
+
+Watched modules: ``language_model.layers[i].self_attn``; default subset
+:func:`~lavender.vlm.families.base.middle_layers` (about 1/5 of the layers, evenly spaced over
+the middle half: 32 layers → 8, 11, 14, 18, 21, 24).
+
+Geometry: the processor expands each ``<image>`` into ``(image_size / patch)²`` placeholder
+tokens (24×24 = 576 for CLIP-336/14, CLS dropped by the ``default`` feature strategy), row-major
+over the patch grid. CLIP's processor resizes the SHORTEST edge to the crop size and centre-crops a
+square: the grid covers only the central square of the original image, which ``covers`` states
+(exact when ``size.shortest_edge == crop_size == vision_config.image_size``, as in every LLaVA-1.5
+checkpoint). A squash or pad frame on a non-square image therefore has regions the grid never saw;
+:func:`lavender.vlm.grid.to_frame` leaves them 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from lavender.vlm.families._tokens import image_token_positions
+from lavender.vlm.families.base import (
+    Family,
+    ImageGrid,
+    image_token_id,
+    middle_layers,
+    modules_by_layer,
+    register_family,
+)
+
+
+def clip_center_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The region ``(x0, y0, x1, y1)`` of a ``width``×``height`` image that CLIP's preprocessing keeps.
+
+    Shortest edge resized to ``size`` (long edge ``int(size · long / short)``, as transformers'
+    ``get_resize_output_image_size``), then a ``size``×``size`` centre crop whose offset is
+    ``(new_long - size) // 2``; mapped back to original pixels.
+    """
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    offset = (new_long - size) // 2
+    lo, hi = offset * long / new_long, (offset + size) * long / new_long
+    return (lo, 0.0, hi, float(height)) if width >= height else (0.0, lo, float(width), hi)
+
+
+@register_family
+class LlavaFamily(Family):
+    name = "llava"
+    model_types = ("llava",)
+    cross_attention = False
+    lora_target_regex = r".*language_model.*\.(q|k|v|o)_proj"
+
+    def attention_modules(self, model: nn.Module) -> dict[int, nn.Module]:
+        return modules_by_layer(model, r"(?:.*\.)?language_model\.layers\.(\d+)\.self_attn")
+
+    def default_layers(self, model: nn.Module) -> list[int]:
+        return middle_layers(len(self.attention_modules(model)))
+
+    def image_grids(self, inputs: Any, image_sizes: Sequence[Sequence[tuple[int, int]]],
+                    config: Any = None, processor: Any = None) -> list[ImageGrid]:
+        token = image_token_id(config)
+        size = int(config.vision_config.image_size)
+        if processor is not None:  # the crop the processor really makes (LLaVA-1.5: = image_size)
+            size = int(processor.image_processor.crop_size["height"])
+        side = size // int(config.vision_config.patch_size)  # 24 for CLIP-336/14
+        counts = [[side * side] * len(sizes) for sizes in image_sizes]
+        positions = image_token_positions(inputs["input_ids"], token, counts)
+        return [ImageGrid(b, pos, side, side, clip_center_crop_box(w, h, size), (int(w), int(h)))
+                for b, sizes in enumerate(image_sizes) for pos, (w, h) in zip(positions[b], sizes)]
+
+    def make_tiny(self, out: str, seed: int = 0) -> None:
+        """Tiny LLaVA: CLIP 56/14 → 4×4 = 16 image tokens, Llama text model of 4 layers, hidden 64."""
+        import torch
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        from lavender.vlm.tiny import build_tokenizer, save_tiny, simple_chat_template
+
+        tok = build_tokenizer(["<image>"], simple_chat_template("<image>"))
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=56, patch_size=14, projection_dim=32)
+        text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16, vision_feature_layer=-2,
+                             image_token_index=tok.convert_tokens_to_ids("<image>"))
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+        processor = LlavaProcessor(image_processor, tok, patch_size=14, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1, chat_template=tok.chat_template)
+        torch.manual_seed(seed)
+        save_tiny(LlavaForConditionalGeneration(config), processor, out)
+

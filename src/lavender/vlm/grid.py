@@ -1,0 +1,105 @@
+"""From a VLM's image-token grid to the attention dataset's 32×32 frame.
+
+A family (:mod:`lavender.vlm.families`) says which keys are an image's tokens and which region of
+the ORIGINAL image their grid spans (``ImageGrid.covers``). Stage 1 brought the image to the DM
+in one of three frames (METHOD.md, Stage 1 step 7; ``lavender.diffusion.extract``):
+
+- ``squash``: the whole image resized to a square (aspect ratio not kept);
+- ``pad``: the image padded to a square ``max(W, H)`` with the padding centred, then resized;
+- ``center-crop``: the central ``min(W, H)`` square, then resized.
+
+:func:`to_frame` resamples the grid into that frame: each frame pixel is mapped back to
+original-image coordinates, then to the grid, and read bilinearly (``grid_sample``, so gradients
+flow to the attention). Frame pixels the grid does not cover — the padding of a ``pad`` frame,
+and e.g. the sides of a wide image under LLaVA's centre crop in a ``squash`` frame — are 0: the
+VLM has no attention there. :func:`frame_coverage` measures how much of the frame is covered, so
+the trainer can warn when the DM and VLM frames disagree (a coverage well below 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lavender.vlm.families.base import ImageGrid
+
+FRAMES = ("squash", "pad", "center-crop")
+
+
+def gather_grid(attn_rows: torch.Tensor, grid: ImageGrid) -> torch.Tensor:
+    """``(..., K)`` attention over the watched keys → ``(..., rows, cols)`` on the image's grid."""
+    picked = attn_rows.index_select(-1, grid.key_index.to(attn_rows.device))  # (..., rows * cols)
+    return picked.unflatten(-1, (grid.rows, grid.cols))  # row-major: key_index[r * cols + c] = cell (r, c)
+
+
+def _frame_to_image(frame: str, width: float, height: float, u: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame coordinates ``u, v`` in ``[0, 1]`` → original-image pixel coordinates ``x, y``."""
+    if frame == "squash":
+        return u * width, v * height
+    if frame == "pad":
+        side = max(width, height)
+        return u * side - (side - width) / 2, v * side - (side - height) / 2
+    if frame == "center-crop":
+        side = min(width, height)
+        return (width - side) / 2 + u * side, (height - side) / 2 + v * side
+    raise ValueError(f"unknown frame {frame!r}; choose one of {', '.join(FRAMES)}")
+
+
+def to_frame(grid_maps: torch.Tensor, covers: tuple[float, float, float, float], image_size: tuple[int, int],
+             frame: str = "squash", size: int = 32) -> torch.Tensor:
+    """Resample ``(..., rows, cols)`` grid maps into the ``size``×``size`` ``frame`` of the image.
+
+    Args:
+        grid_maps: maps on the VLM's grid, any leading dims (heads, words, …); float.
+        covers: ``(x0, y0, x1, y1)`` original-image pixels spanned by the whole grid.
+        image_size: ``(W, H)`` of the original image.
+        frame: ``squash``, ``pad`` or ``center-crop`` (the attention dataset's manifest says which).
+        size: output side (32 for the attention dataset).
+
+    Returns:
+        ``(..., size, size)``. Bilinear, differentiable; frame pixels outside the grid's coverage or
+        outside the image are 0. A grid finer than the output is averaged over ``k×k`` sub-samples
+        per output pixel (``k = ceil(max(rows, cols) / size)``) rather than point-sampled, so no
+        token is skipped.
+    """
+    rows, cols = grid_maps.shape[-2:]
+    width, height = float(image_size[0]), float(image_size[1])
+    x0, y0, x1, y1 = (float(c) for c in covers)
+    k = max(1, math.ceil(max(rows, cols) / size))
+    n = size * k
+    centres = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # sub-pixel centres in [0, 1]
+    v, u = torch.meshgrid(centres, centres, indexing="ij")  # (n, n) each
+    x, y = _frame_to_image(frame, width, height, u, v)
+    gx, gy = (x - x0) / (x1 - x0), (y - y0) / (y1 - y0)  # position on the grid, [0, 1] inside it
+    inside = (gx >= 0) & (gx <= 1) & (gy >= 0) & (gy <= 1) & (x >= 0) & (x <= width) & (y >= 0) & (y <= height)
+    sample_at = torch.stack([gx * 2 - 1, gy * 2 - 1], dim=-1)  # (n, n, 2), grid_sample's (x, y) in [-1, 1]
+
+    lead = grid_maps.shape[:-2]
+    flat = grid_maps.reshape(1, -1, rows, cols)  # (1, C, rows, cols): leading dims as channels
+    sample_at = sample_at.to(device=grid_maps.device, dtype=flat.dtype).unsqueeze(0)  # (1, n, n, 2)
+    # border padding + explicit mask: zeros padding would fade the outer half-cells towards 0
+    out = F.grid_sample(flat, sample_at, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out * inside.to(device=out.device, dtype=out.dtype)  # (1, C, n, n)
+    if k > 1:
+        out = F.avg_pool2d(out, k)  # (1, C, size, size)
+    return out.reshape(*lead, size, size)
+
+
+def frame_coverage(covers: tuple[float, float, float, float], image_size: tuple[int, int], frame: str) -> float:
+    """Fraction of the frame's area (inside the image) that the grid covers; 1.0 = the frames agree.
+
+    E.g. LLaVA's centre crop (covers the central square) against a ``squash`` frame of a 2:1 image
+    gives 0.5: half of the DM's map has no VLM counterpart. The trainer warns below ~0.95.
+    """
+    width, height = float(image_size[0]), float(image_size[1])
+    corners_u = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    (fx0, fx1), (fy0, fy1) = (t.tolist() for t in _frame_to_image(frame, width, height, corners_u, corners_u))
+    # the part of the frame that shows the image, and the part of it the grid spans
+    ix0, ix1, iy0, iy1 = max(fx0, 0.0), min(fx1, width), max(fy0, 0.0), min(fy1, height)
+    cx0, cx1 = max(ix0, covers[0]), min(ix1, covers[2])
+    cy0, cy1 = max(iy0, covers[1]), min(iy1, covers[3])
+    shown = max(ix1 - ix0, 0.0) * max(iy1 - iy0, 0.0)
+    return max(cx1 - cx0, 0.0) * max(cy1 - cy0, 0.0) / shown if shown > 0 else 0.0

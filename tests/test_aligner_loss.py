@@ -1,0 +1,64 @@
+"""Aligner shapes/normalisation and L_att against hand computations (PITFALLS #6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lavender.aligner import VARIANTS, Aligner, minmax
+from lavender.loss import attention_loss
+
+
+def test_loss_hand_computation() -> None:
+    pred = torch.zeros(3, 2, 2, requires_grad=True)
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]],  # MSE 1/4
+                           [[1.0, 1.0], [1.0, 1.0]],  # MSE 1 (not matched)
+                           [[0.5, 0.5], [0.0, 0.0]]])  # MSE (0.25 + 0.25) / 4 = 1/8
+    valid = torch.tensor([True, False, True])
+    loss, rate = attention_loss(pred, target, valid)
+    assert loss.item() == pytest.approx((0.25 + 0.125) / 2)
+    assert rate.item() == pytest.approx(2 / 3)
+    loss.backward()
+    assert pred.grad[1].abs().sum() == 0 and pred.grad[0].abs().sum() > 0
+
+
+def test_loss_is_a_graph_zero_when_nothing_matches() -> None:
+    aligner = Aligner(1, "light")
+    pred = aligner(torch.rand(2, 1, 32, 32))
+    target = torch.full((2, 32, 32), float("nan"))  # unmatched targets are never read
+    loss, rate = attention_loss(pred, target, torch.tensor([False, False]))
+    assert loss.item() == 0.0 and rate.item() == 0.0 and loss.requires_grad
+    loss.backward()  # the graph is intact: gradients exist (and are zero)
+    assert all(p.grad is not None for p in aligner.parameters())
+    empty, rate = attention_loss(aligner(torch.rand(0, 1, 32, 32)), torch.zeros(0, 32, 32))
+    assert empty.item() == 0.0 and empty.requires_grad and rate.item() == 0.0
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("norm,act", [("instance", "relu6"), ("batch", "leakyrelu")])
+def test_aligner_shapes_range_and_gradients(variant: str, norm: str, act: str) -> None:
+    torch.manual_seed(0)
+    aligner = Aligner(in_channels=8, variant=variant, norm=norm, act=act)
+    assert 4_000 <= sum(p.numel() for p in aligner.parameters()) <= 150_000
+    out = aligner(torch.rand(5, 8, 32, 32))
+    assert out.shape == (5, 32, 32)
+    flat = out.flatten(1)
+    torch.testing.assert_close(flat.min(1).values, torch.zeros(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flat.max(1).values, torch.ones(5), atol=1e-4, rtol=0)
+    loss, _ = attention_loss(out, torch.rand(5, 32, 32))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aligner.net[0].parameters())
+
+
+def test_minmax_is_eps_safe_on_constant_maps() -> None:
+    x = torch.ones(2, 4, 4, requires_grad=True)
+    y = minmax(x)
+    assert torch.isfinite(y).all() and y.abs().max() == 0
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_aligner_rejects_unknown_options() -> None:
+    for kwargs in ({"variant": "huge"}, {"norm": "layer"}, {"act": "gelu"}, {"out_norm": "softmax"}):
+        with pytest.raises(ValueError, match="unknown Aligner"):
+            Aligner(1, **kwargs)

@@ -1,0 +1,206 @@
+"""Capture backend: captured slices == eager ``output_attentions`` slices, for every family's tiny model.
+
+Tolerance: 1e-5 absolute on probabilities (float32 models; observed ~1e-7): the capture recomputes
+q·kᵀ in float32 from the same q/k the eager path uses, so only summation order differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lavender.vlm.aggregate import keys_from_grids
+from lavender.vlm.backend import CapturePlan, disable_capture, enable_capture
+from lavender.vlm.families import families
+
+ARCHS = [a for a in ("llava", "mllama", "qwen2_vl", "idefics3") if a in families()]
+TEXTS = ["a red circle on the left", "two blue squares", "the small green triangle is above a big yellow star"]
+SIZES = [(70, 40), (48, 64), (56, 56)]
+TOL = 1e-5
+
+
+def _image(seed: int, size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
+
+
+def _load(path: str, attn: str = "sdpa") -> torch.nn.Module:
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn).eval()
+
+
+def make_batch(arch: str, path: str, n: int, padding_side: str) -> tuple[dict, tuple]:
+    """``n`` samples of different lengths (so padding happens) and image sizes, processed for real."""
+    fam = families()[arch]
+    proc = fam.load_processor(path)
+    proc.tokenizer.padding_side = padding_side
+    texts, images = [], []
+    for i in range(n):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is here?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": TEXTS[i % 3]}]}]
+        texts.append(proc.apply_chat_template(msgs, tokenize=False))
+        images.append(_image(i, SIZES[i % 3]))
+    nested = arch in ("mllama", "idefics3")
+    inputs = proc(images=[[im] for im in images] if nested else images, text=texts, padding=True,
+                  return_tensors="pt")
+    # image_grids needs the original sizes and the processor's resize settings (Idefics3)
+    return dict(inputs), ([[im.size] for im in images], proc)
+
+
+def plan_for(arch: str, model: torch.nn.Module, inputs: dict, meta: tuple, layers: list[int]) -> CapturePlan:
+    """Rows: every real token from the first text row on, at most 6 per sample (unequal counts → padding)."""
+    fam = families()[arch]
+    image_sizes, processor = meta
+    grids = fam.image_grids(inputs, image_sizes, model.config, processor)
+    keys, key_valid, _ = keys_from_grids(grids, inputs["input_ids"].shape[0])
+    first = fam.first_text_row(inputs["input_ids"], model.config)
+    mask = inputs["attention_mask"].bool()
+    per_sample = []
+    for b in range(mask.shape[0]):
+        real = [t for t in torch.nonzero(mask[b]).flatten().tolist() if t >= int(first[b])]
+        per_sample.append(real[-(6 - b):])  # last tokens, 6, 5, 4 of them
+    width = max(len(r) for r in per_sample)
+    rows = torch.zeros(len(per_sample), width, dtype=torch.long)
+    valid = torch.zeros_like(rows, dtype=torch.bool)
+    for b, r in enumerate(per_sample):
+        rows[b, : len(r)] = torch.tensor(r)
+        valid[b, : len(r)] = True
+    return CapturePlan(layers, rows, valid, keys, key_valid)
+
+
+def expected_slice(attn: torch.Tensor, plan: CapturePlan) -> torch.Tensor:
+    """The plan's slice of an eager ``(B, H, T, S)`` attention, by plain indexing (independent of the backend)."""
+    out = torch.zeros(attn.shape[0], attn.shape[1], plan.rows.shape[1], plan.keys.shape[1])
+    for b in range(attn.shape[0]):
+        for i, t in enumerate(plan.rows[b].tolist()):
+            if not plan.row_valid[b, i]:
+                continue
+            for j, k in enumerate(plan.keys[b].tolist()):
+                if plan.key_valid[b, j]:
+                    out[b, :, i, j] = attn[b, :, t, k]
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("n,padding_side", [(1, "right"), (3, "right"), (3, "left")])
+def test_capture_equals_eager(arch: str, n: int, padding_side: str, tiny_vlm) -> None:
+    path = tiny_vlm(arch)
+    fam = families()[arch]
+    inputs, sizes = make_batch(arch, path, n, padding_side)
+    ref_model = _load(path, "eager")
+    with torch.no_grad():
+        ref = ref_model(**inputs, output_attentions=True)
+    model = _load(path)
+    layers = fam.default_layers(model)
+    capture = enable_capture(model, fam)
+    plan = plan_for(arch, model, inputs, sizes, layers)
+    capture.arm(plan)
+    with torch.no_grad():
+        out = model(**inputs)
+    real = inputs["attention_mask"].bool()
+    # the model's own output is unchanged by capture (SDPA), on real tokens
+    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-4, rtol=1e-4)
+    assert sorted(capture.maps) == sorted(layers)
+    for layer in layers:
+        got = capture.maps[layer]
+        assert got.shape == (n, ref.attentions[layer].shape[1], plan.rows.shape[1], plan.keys.shape[1])
+        want = expected_slice(ref.attentions[layer], plan)
+        assert (got - want).abs().max() < TOL, f"{arch} layer {layer}"
+        assert want.sum() > 0  # the comparison is not between two zero tensors
+    disable_capture(model, fam)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+def _loss(maps: dict[int, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    return sum((m * weights[: m.shape[1], : m.shape[2], : m.shape[3]]).sum() for m in maps.values())
+
+
+def test_gradients_reach_lora_and_base_weights(tiny_llava_dir: str) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    fam = families()["llava"]
+    inputs, sizes = make_batch("llava", tiny_llava_dir, 3, "left")
+    weights = torch.rand(16, 16, 16)
+    # base weights (full fine-tuning)
+    model = _load(tiny_llava_dir)
+    layers = fam.default_layers(model)
+    capture = enable_capture(model, fam)
+    capture.arm(plan_for("llava", model, inputs, sizes, layers))
+    model(**inputs)
+    _loss(capture.maps, weights).backward()
+    q = fam.attention_modules(model)[layers[0]].q_proj.weight
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    # LoRA: lora_B starts at zero, so its gradient is the one that must be non-zero
+    model = _load(tiny_llava_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=fam.lora_target_regex))
+    capture = enable_capture(peft_model, fam)
+    capture.arm(plan_for("llava", model, inputs, sizes, layers))
+    peft_model(**inputs)
+    _loss(capture.maps, weights).backward()
+    lora_q = fam.attention_modules(peft_model.get_base_model())[layers[0]].q_proj
+    grad = lora_q.lora_B["default"].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", [a for a in ("llava", "mllama") if a in ARCHS])
+def test_gradient_checkpointing_same_loss_and_grads(arch: str, tiny_vlm) -> None:
+    path = tiny_vlm(arch)
+    fam = families()[arch]
+    inputs, sizes = make_batch(arch, path, 3, "right")
+    weights = torch.rand(64, 64, 64)
+    results = []
+    for checkpointing in (False, True):
+        model = _load(path)
+        model.train()  # checkpointing is active in training mode only (tiny configs have no dropout)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = fam.default_layers(model)
+        capture = enable_capture(model, fam)
+        plan = plan_for(arch, model, inputs, sizes, layers)
+        capture.arm(plan)
+        calls = []
+        record = capture.record
+        capture.record = lambda *a, _c=calls, _r=record, **k: (_c.append(1), _r(*a, **k))  # count captures
+        out = model(**inputs)
+        maps_before = {k: v for k, v in capture.maps.items()}
+        loss = out.logits.float().pow(2).mean() + _loss(capture.maps, weights)
+        loss.backward()
+        # checkpointing really recomputed the watched layers during backward (else this test is moot)
+        assert len(calls) == len(layers) * (2 if checkpointing else 1)
+        # recomputation in backward overwrote by layer: still one map per layer, same shape
+        assert sorted(capture.maps) == sorted(layers)
+        for k in layers:
+            assert capture.maps[k].shape == maps_before[k].shape
+        capture.clear()
+        assert capture.maps == {}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "q_proj" in n}
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5)
+
+
+def test_state_is_per_step(tiny_llava_dir: str) -> None:
+    fam = families()["llava"]
+    model = _load(tiny_llava_dir)
+    layers = fam.default_layers(model)
+    capture = enable_capture(model, fam)
+    inputs3, sizes3 = make_batch("llava", tiny_llava_dir, 3, "right")
+    inputs1, sizes1 = make_batch("llava", tiny_llava_dir, 1, "right")
+    with torch.no_grad():
+        capture.arm(plan_for("llava", model, inputs3, sizes3, layers))
+        model(**inputs3)
+        assert all(m.shape[0] == 3 for m in capture.maps.values())
+        plan1 = plan_for("llava", model, inputs1, sizes1, layers[:1])
+        capture.arm(plan1)  # a new step: batch size 1, one layer
+        assert capture.maps == {}
+        model(**inputs1)
+        assert sorted(capture.maps) == layers[:1] and capture.maps[layers[0]].shape[0] == 1
+        capture.clear()
+        model(**inputs1)  # disarmed: nothing captured
+        assert capture.maps == {}

@@ -1,0 +1,293 @@
+"""Geometry of every family, checked against the REAL processor with index images.
+
+An index image encodes its own pixel coordinates in its colours (R = x, G = y, B = 1 inside the
+image). It goes through the family's real processor; for every image token the family places at
+grid cell (r, c), we decode the colours of the ``pixel_values`` patch that feeds that token (undoing
+the processor's normalisation) and compare the mean (x, y) they encode with the centre of the cell's
+region of the ORIGINAL image, computed from the image size and ``covers`` alone. A grid sheared by
+one column, a wrong tile layout or uncropped padding is off by at least one cell; we allow 0.3.
+
+How a token maps to a ``pixel_values`` patch is the model's own vision pipeline, written here from
+the model code (not from the family): Mllama tiles = CLS + patches row-major; LLaVA/CLIP patches
+row-major; Qwen2-VL patches in 2×2 merge windows; Idefics3 crops row-major + global, pixel shuffle
+keeping k×k row-major. Self-attention models fill the n-th placeholder with the n-th feature.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lavender.vlm.families import families
+from lavender.vlm.grid import frame_coverage, gather_grid, to_frame
+
+TOL = 0.3  # of a cell
+
+
+def index_image(width: int, height: int) -> Image.Image:
+    x = (np.arange(width) + 0.5) / width
+    y = (np.arange(height) + 0.5) / height
+    rgb = np.stack(np.broadcast_arrays(x[None, :], y[:, None], np.ones((height, width))), axis=-1)
+    return Image.fromarray(np.round(rgb * 255).astype(np.uint8))
+
+
+def decode(patch: np.ndarray, image_processor, width: int, height: int) -> tuple[float, float] | None:
+    """Mean original-image (x, y) encoded by a normalised (3, h, w) patch; None when all padding."""
+    mean = np.asarray(image_processor.image_mean, dtype=np.float64)[:, None, None]
+    std = np.asarray(image_processor.image_std, dtype=np.float64)[:, None, None]
+    rgb = patch.astype(np.float64) * std + mean
+    inside = rgb[2] > 0.5
+    if not inside.any():
+        return None
+    return float(rgb[0][inside].mean() * width), float(rgb[1][inside].mean() * height)
+
+
+def expected_centre(grid, r: int, c: int) -> tuple[float, float, float, float]:
+    """Centre of cell (r, c)'s region, clipped to the image, and the cell's size; from covers alone."""
+    x0, y0, x1, y1 = grid.covers
+    width, height = grid.image_size
+    cw, ch = (x1 - x0) / grid.cols, (y1 - y0) / grid.rows
+    lo_x, hi_x = max(x0 + c * cw, 0), min(x0 + (c + 1) * cw, width)
+    lo_y, hi_y = max(y0 + r * ch, 0), min(y0 + (r + 1) * ch, height)
+    return (lo_x + hi_x) / 2, (lo_y + hi_y) / 2, cw, ch
+
+
+def check_grid(grid, patch_of_key, image_processor) -> int:
+    """Compare every cell; returns the number of cells checked."""
+    width, height = grid.image_size
+    keys = grid.key_index.view(grid.rows, grid.cols)
+    checked = 0
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            got = decode(patch_of_key(int(keys[r, c])), image_processor, width, height)
+            ex, ey, cw, ch = expected_centre(grid, r, c)
+            assert got is not None, f"cell ({r}, {c}) reads only padding"
+            assert abs(got[0] - ex) < TOL * cw and abs(got[1] - ey) < TOL * ch, (
+                f"cell ({r}, {c}) of {grid.rows}x{grid.cols}: patch shows ({got[0]:.1f}, {got[1]:.1f}), "
+                f"expected ({ex:.1f}, {ey:.1f}) ± ({TOL * cw:.1f}, {TOL * ch:.1f})")
+            checked += 1
+    return checked
+
+
+def load(tiny_vlm, arch: str):
+    from transformers import AutoConfig
+
+    path = tiny_vlm(arch)
+    fam = families()[arch]
+    return fam, fam.load_processor(path), AutoConfig.from_pretrained(path)
+
+
+def chat(processor, n_images: int = 1) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": "what is it?"}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+# --- Mllama --------------------------------------------------------------------------------------
+# (rows, cols) of tiles for each aspect-ratio id 1..8, and an image size that the processor tiles so
+MLLAMA_CASES = [((1, 1), (50, 40)), ((1, 2), (100, 50)), ((1, 3), (160, 50)), ((1, 4), (210, 50)),
+                ((2, 1), (50, 100)), ((2, 2), (100, 90)), ((3, 1), (50, 160)), ((4, 1), (50, 210))]
+
+
+@pytest.mark.parametrize("layout,size", MLLAMA_CASES, ids=[f"{r}x{c}" for (r, c), _ in MLLAMA_CASES])
+def test_mllama_all_aspect_ratios(tiny_vlm, layout, size):
+    fam, processor, config = load(tiny_vlm, "mllama")
+    width, height = size
+    inputs = processor(images=[[index_image(width, height)]], text=[chat(processor)], return_tensors="pt")
+    aspect_ids = [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]
+    assert aspect_ids[int(inputs["aspect_ratio_ids"][0, 0]) - 1] == layout  # the test's premise
+    (grid,) = fam.image_grids(inputs, [[(width, height)]], config, processor)
+    pv = inputs["pixel_values"][0, 0].numpy()  # (num_tiles, 3, 56, 56)
+    patch, side = 14, 4
+    per_tile = side * side + 1
+
+    def patch_of_key(key: int) -> np.ndarray:
+        tile, p = divmod(key, per_tile)
+        assert p != 0, "a CLS token was placed on the grid"
+        pr, pc = divmod(p - 1, side)
+        return pv[tile, :, pr * patch:(pr + 1) * patch, pc * patch:(pc + 1) * patch]
+
+    # the grid must cover the resized image exactly up to whole patches: nothing beyond one patch of padding
+    assert grid.rows <= layout[0] * side and grid.cols <= layout[1] * side
+    assert check_grid(grid, patch_of_key, processor.image_processor) == grid.rows * grid.cols
+
+
+def test_mllama_padded_non_square_and_batch(tiny_vlm):
+    """A 100×60 image sits on a 2×2 canvas with padding right and below: the grid is 5×8, not 8×8."""
+    fam, processor, config = load(tiny_vlm, "mllama")
+    images = [[index_image(100, 60)], [index_image(50, 160)]]
+    inputs = processor(images=images, text=[chat(processor), chat(processor)], return_tensors="pt", padding=True)
+    grids = fam.image_grids(inputs, [[(100, 60)], [(50, 160)]], config, processor)
+    assert (grids[0].rows, grids[0].cols) == (5, 8)
+    assert grids[0].covers[2] >= 100 and grids[0].covers[3] >= 60  # whole patches span a little padding
+    for grid in grids:
+        pv = inputs["pixel_values"][grid.batch_index, 0].numpy()
+
+        def patch_of_key(key: int, pv=pv) -> np.ndarray:
+            tile, p = divmod(key, 17)
+            pr, pc = divmod(p - 1, 4)
+            return pv[tile, :, pr * 14:(pr + 1) * 14, pc * 14:(pc + 1) * 14]
+
+        check_grid(grid, patch_of_key, processor.image_processor)
+
+
+def test_mllama_first_text_row(tiny_vlm):
+    fam, processor, config = load(tiny_vlm, "mllama")
+    inputs = processor(images=[[index_image(50, 40)]], text=[chat(processor)], return_tensors="pt")
+    first = int(fam.first_text_row(inputs["input_ids"], config)[0])
+    assert inputs["input_ids"][0, first] == config.image_token_id
+    assert not (inputs["input_ids"][0, :first] == config.image_token_id).any()
+
+
+# --- self-attention families: the n-th placeholder gets the n-th vision feature ---------------------
+def rank_of(input_ids: torch.Tensor, token: int):
+    positions = (input_ids == token).nonzero().flatten().tolist()
+    return {pos: n for n, pos in enumerate(positions)}
+
+
+@pytest.mark.parametrize("size", [(100, 40), (40, 100), (60, 60)])
+def test_llava_centre_crop(tiny_vlm, size):
+    fam, processor, config = load(tiny_vlm, "llava")
+    width, height = size
+    inputs = processor(images=[index_image(width, height)], text=[chat(processor)], return_tensors="pt")
+    (grid,) = fam.image_grids(inputs, [[size]], config, processor)
+    assert (grid.rows, grid.cols) == (4, 4)
+    side = min(width, height)
+    x0, y0, x1, y1 = grid.covers
+    assert abs((x1 - x0) - side) <= 2 and abs((y1 - y0) - side) <= 2  # the central square
+    assert abs((x0 + x1) / 2 - width / 2) <= 1 and abs((y0 + y1) / 2 - height / 2) <= 1
+    rank = rank_of(inputs["input_ids"][0], config.image_token_id)
+    pv = inputs["pixel_values"][0].numpy()  # (3, 56, 56)
+
+    def patch_of_key(key: int) -> np.ndarray:
+        pr, pc = divmod(rank[key], 4)  # CLIP: patches row-major (CLS dropped by the 'default' strategy)
+        return pv[:, pr * 14:(pr + 1) * 14, pc * 14:(pc + 1) * 14]
+
+    check_grid(grid, patch_of_key, processor.image_processor)
+
+
+@pytest.mark.parametrize("size", [(150, 60), (60, 170)])
+def test_qwen2_vl_non_square(tiny_vlm, size):
+    fam, processor, config = load(tiny_vlm, "qwen2_vl")
+    width, height = size
+    text = [chat(processor), "hello there " + chat(processor)]  # padding shifts the second sample
+    inputs = processor(images=[index_image(*size), index_image(*size)], text=text, return_tensors="pt",
+                       padding=True)
+    grids = fam.image_grids(inputs, [[size], [size]], config, processor)
+    t, h, w = inputs["image_grid_thw"][0].tolist()
+    assert (grids[0].rows, grids[0].cols) == (h // 2, w // 2) and grids[0].rows != grids[0].cols
+    tp = processor.image_processor.temporal_patch_size
+    patches = inputs["pixel_values"].numpy().reshape(-1, 3, tp, 14, 14)[:, :, 0]  # (N, 3, 14, 14)
+    for b, grid in enumerate(grids):
+        rank = rank_of(inputs["input_ids"][b], config.image_token_id)
+        offset = b * t * h * w
+
+        def patch_of_key(key: int, rank=rank, offset=offset) -> np.ndarray:
+            # merged token n = patches 4n .. 4n+3, a 2×2 window (row-major inside it)
+            window = patches[offset + 4 * rank[key]: offset + 4 * rank[key] + 4]  # (4, 3, 14, 14)
+            top, bottom = np.concatenate(window[:2], axis=2), np.concatenate(window[2:], axis=2)
+            return np.concatenate([top, bottom], axis=1)  # (3, 28, 28)
+
+        check_grid(grid, patch_of_key, processor.image_processor)
+
+
+@pytest.mark.parametrize("size,layout", [((100, 40), (1, 2)), ((90, 100), (2, 2)), ((30, 100), (2, 1)),
+                                         ((40, 40), (2, 2))])
+def test_idefics3_split_image(tiny_vlm, size, layout):
+    fam, processor, config = load(tiny_vlm, "idefics3")
+    inputs = processor(images=[[index_image(*size)]], text=[chat(processor)], return_tensors="pt")
+    (grid,) = fam.image_grids(inputs, [[size]], config, processor)
+    k = 4  # 56-px views, 7-px patches, pixel shuffle 2 → 4×4 tokens per view
+    assert (grid.rows, grid.cols) == (layout[0] * k, layout[1] * k)
+    assert inputs["pixel_values"].shape[1] == layout[0] * layout[1] + 1  # crops + the global view
+    rank = rank_of(inputs["input_ids"][0], config.image_token_id)
+    pv = inputs["pixel_values"][0].numpy()  # (views, 3, 56, 56)
+
+    def patch_of_key(key: int) -> np.ndarray:
+        view, n = divmod(rank[key], k * k)
+        assert view < layout[0] * layout[1], "a global-view token was placed on the grid"
+        tr, tc = divmod(n, k)
+        return pv[view, :, tr * 14:(tr + 1) * 14, tc * 14:(tc + 1) * 14]
+
+    check_grid(grid, patch_of_key, processor.image_processor)
+
+
+def test_idefics3_unsplit_image_is_the_global_view(tiny_vlm):
+    fam, processor, config = load(tiny_vlm, "idefics3")
+    processor.image_processor.do_image_splitting = False
+    try:
+        inputs = processor(images=[[index_image(100, 40)]], text=[chat(processor)], return_tensors="pt")
+        (grid,) = fam.image_grids(inputs, [[(100, 40)]], config, processor)
+    finally:
+        processor.image_processor.do_image_splitting = True
+    assert (grid.rows, grid.cols) == (4, 4) and grid.covers == (0.0, 0.0, 100.0, 40.0)
+
+
+# --- to_frame against hand-made cases ---------------------------------------------------------------
+def one_hot(rows: int, cols: int, r: int, c: int) -> torch.Tensor:
+    g = torch.zeros(rows, cols)
+    g[r, c] = 1.0
+    return g
+
+
+def frame_pixels_of_region(frame: str, width: int, height: int, region, size: int = 32) -> np.ndarray:
+    """Boolean (size, size): frame pixels whose centre falls in ``region`` of the original image."""
+    x0, y0, x1, y1 = region
+    centres = (np.arange(size) + 0.5) / size
+    u, v = np.meshgrid(centres, centres)
+    if frame == "squash":
+        x, y = u * width, v * height
+    elif frame == "pad":
+        s = max(width, height)
+        x, y = u * s - (s - width) / 2, v * s - (s - height) / 2
+    else:
+        s = min(width, height)
+        x, y = (width - s) / 2 + u * s, (height - s) / 2 + v * s
+    return (x > x0) & (x < x1) & (y > y0) & (y < y1)
+
+
+@pytest.mark.parametrize("frame", ["squash", "pad", "center-crop"])
+def test_to_frame_one_hot_cell_lands_in_its_region(frame):
+    """A 4×8 grid over a 160×80 image; each one-hot cell's mass lies in the frame pixels of its region."""
+    width, height, rows, cols = 160, 80, 4, 8
+    covers = (0.0, 0.0, float(width), float(height))
+    for r, c in [(0, 0), (1, 3), (3, 7), (2, 4)]:
+        out = to_frame(one_hot(rows, cols, r, c), covers, (width, height), frame).numpy()
+        cell = (c * 20, r * 20, (c + 1) * 20, (r + 1) * 20)
+        core = frame_pixels_of_region(frame, width, height, (cell[0] + 4, cell[1] + 4, cell[2] - 4, cell[3] - 4))
+        near = frame_pixels_of_region(frame, width, height, (cell[0] - 20, cell[1] - 20, cell[2] + 20, cell[3] + 20))
+        if frame == "center-crop" and not core.any():
+            assert out.max() < 1e-6, "a cell outside the central square must not appear"
+            continue
+        assert core.any() and out[core].min() > 0.6, f"cell ({r},{c}) core not lit in {frame}"
+        assert np.all(out[~near] == 0), f"cell ({r},{c}) leaks beyond its neighbours in {frame}"
+    if frame == "pad":  # centred padding: the top and bottom quarter of the frame are padding → 0
+        full = to_frame(torch.ones(rows, cols), covers, (width, height), frame)
+        assert full[:7].abs().max() == 0 and full[-7:].abs().max() == 0 and full[9:23].min() > 0.99
+
+
+def test_to_frame_partial_coverage_is_zero_outside():
+    """LLaVA-style centre crop of a 2:1 image in a squash frame: only the middle half of columns is covered."""
+    out = to_frame(torch.ones(4, 4), (40.0, 0.0, 120.0, 80.0), (160, 80), "squash")
+    assert torch.all(out[:, :7] == 0) and torch.all(out[:, -7:] == 0) and torch.all(out[:, 9:23] > 0.99)
+    assert frame_coverage((40.0, 0.0, 120.0, 80.0), (160, 80), "squash") == pytest.approx(0.5)
+    assert frame_coverage((40.0, 0.0, 120.0, 80.0), (160, 80), "center-crop") == pytest.approx(1.0)
+    assert frame_coverage((0.0, 0.0, 160.0, 80.0), (160, 80), "pad") == pytest.approx(1.0)
+
+
+def test_to_frame_is_differentiable_and_keeps_leading_dims():
+    g = torch.rand(2, 3, 40, 40, requires_grad=True)  # finer than 32: averaged, every token used
+    out = to_frame(g, (0.0, 0.0, 100.0, 50.0), (100, 50), "pad")
+    assert out.shape == (2, 3, 32, 32)
+    out.sum().backward()
+    assert g.grad is not None and (g.grad > 0).float().mean() > 0.99
+
+
+def test_gather_grid_picks_keys_row_major():
+    from lavender.vlm.families import ImageGrid
+
+    grid = ImageGrid(0, torch.tensor([5, 6, 9, 10]), 2, 2, (0, 0, 1, 1), (1, 1))
+    attn = torch.arange(12.0).expand(3, 12)  # (..., K)
+    out = gather_grid(attn, grid)
+    assert out.shape == (3, 2, 2) and out[0].tolist() == [[5.0, 6.0], [9.0, 10.0]]
