@@ -196,6 +196,11 @@ def test_vqav2_pair_keeps_all_answers(tmp_path):
         convert("vqav2", [q, a], out, images_root=tmp_path / "val2014", prompt="{nope}")
     with pytest.raises(ValueError, match="annotations"):
         convert("vqav2", [q], out)
+    # a row whose value has the wrong type is skipped, not fatal
+    q.write_text(json.dumps({"data_subtype": "val2014", "questions": [
+        {"image_id": "forty-two", "question": "How many?", "question_id": 420}]}))
+    rep = convert("vqav2", [q, a], out, images_root=tmp_path / "val2014")
+    assert rep.written == 0 and rep.skipped == {"malformed row": 1}
 
 
 def test_docvqa_and_pope(tmp_path):
@@ -209,6 +214,7 @@ def test_docvqa_and_pope(tmp_path):
     assert rep.written == 1 and rep.skipped == {"no answers": 1}
     rec = rows(tmp_path / "doc.jsonl")[0]
     assert rec["answers"] == ["1 May", "May 1"] and rec["metric"] == "anls" and rec["type"] == "form"
+    assert read_records(tmp_path / "doc.jsonl")[0].messages[0]["content"].startswith("<image>Date?")
 
     pope = tmp_path / "pope.jsonl"
     pope.write_text("\n".join(json.dumps(r) for r in [

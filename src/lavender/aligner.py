@@ -20,11 +20,15 @@ NORMS = ("instance", "batch")
 ACTS = ("relu6", "leakyrelu")
 
 
-def minmax(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Differentiable per-map min–max to [0, 1] over the last two dims; a constant map becomes 0."""
+def minmax(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Differentiable per-map min–max to [0, 1] over the last two dims; a constant map becomes 0.
+
+    The range is clamped at ``eps`` rather than ``eps`` added: raw attention maps can span only
+    ~1e-4, where ``+ 1e-6`` would already pull the maximum 1% below 1.
+    """
     lo = x.amin(dim=(-2, -1), keepdim=True)
     hi = x.amax(dim=(-2, -1), keepdim=True)
-    return (x - lo) / (hi - lo + eps)
+    return (x - lo) / (hi - lo).clamp_min(eps)
 
 
 class Aligner(nn.Module):

@@ -64,7 +64,22 @@ def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
     module.add_arguments(parser)
+    for action in parser._actions:  # sub-subcommands (``lavender data mix``) take --config too
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--config" not in sub._option_string_actions:
+                    sub.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
     return parser, module
+
+
+def _chosen_subparser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser a config applies to: the sub-subcommand's (``lavender data mix``) if there is one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for token in argv:
+                if token in action.choices:
+                    return action.choices[token]
+    return parser
 
 
 def run_command(name: str, argv: Sequence[str]) -> int:
@@ -75,7 +90,7 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     known, _ = pre.parse_known_args(argv)
     if known.config:
         try:
-            apply_config(parser, known.config)
+            apply_config(_chosen_subparser(parser, argv), known.config)
         except (ConfigError, OSError) as e:
             parser.error(str(e))
     args = parser.parse_args(argv)

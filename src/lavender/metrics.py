@@ -437,7 +437,8 @@ def score(records: Iterable[Mapping[str, Any]], metric: str | None = None) -> di
         "per_record": [{"id", "metric", "score", ["extracted"]}]}`` where a summary holds the mean
         score under the metric's name and ``n`` (``cider`` holds ``cider`` and ``bleu4``, corpus level;
         ``yesno`` adds precision / recall / F1 / yes_ratio). Scores are fractions in [0, 1], CIDEr
-        is on its usual scale (x10 inside the definition, typically 0..3).
+        is on its usual scale (x10 inside the definition, typically 0..3). A per-type CIDEr uses that
+        type's records as its corpus (document frequencies), as scoring that subset alone would.
     """
     groups: dict[str, list[tuple[int, Mapping[str, Any]]]] = defaultdict(list)
     for i, rec in enumerate(records):

@@ -30,6 +30,10 @@ VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 MC_PROMPT = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
 
 
+class ConvertError(ValueError):
+    """A problem with the conversion's settings (not with one row): stops the conversion."""
+
+
 class Skip(Exception):
     """A source row that yields no record: ``reason`` is the short category counted in the report,
     ``detail`` says which value was wrong and how to fix it."""
@@ -159,7 +163,7 @@ class Context:
         try:
             return template.format(**fields)
         except (KeyError, IndexError) as e:
-            raise ValueError(f"--prompt {template!r} uses a placeholder this format does not provide "
+            raise ConvertError(f"--prompt {template!r} uses a placeholder this format does not provide "
                              f"({e}); available: {', '.join('{' + k + '}' for k in fields)}") from e
 
 
@@ -671,7 +675,7 @@ CONVERTERS: dict[str, Format] = {
 }
 
 # a row with a missing key or a value of the wrong type is malformed input, reported and skipped
-_MALFORMED = (KeyError, TypeError, AttributeError, IndexError)
+_MALFORMED = (KeyError, TypeError, AttributeError, IndexError, ValueError)
 
 
 def convert(fmt: str, inputs: str | Path | list[str | Path], out: str | Path, *,
@@ -729,6 +733,8 @@ def convert(fmt: str, inputs: str | Path | list[str | Path], out: str | Path, *,
                 report.skip(n, e)
                 continue
             except _MALFORMED as e:
+                if isinstance(e, ConvertError):
+                    raise
                 if strict:
                     raise ValueError(f"{fmt} row {n}: malformed ({type(e).__name__}: {e})") from e
                 report.skip(n, Skip("malformed row", f"{type(e).__name__}: {e}"))
