@@ -13,7 +13,6 @@ from lavender.attnstore import AttentionWriter
 from lavender.chat import IGNORE_INDEX, layout, to_conversation
 from lavender.data_collator import LavenderCollator
 from lavender.records import read_records
-from lavender.vlm.families import families
 from lavender.words import split_words
 
 ARCHS = ["mllama", "llava", "qwen2_vl", "idefics3"]

@@ -219,3 +219,13 @@ def test_two_process_cpu_training_with_accelerate(tiny_vlm, world, tmp_path) -> 
     rows = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["llama32_11b_lora.yaml", "llava15_7b_lora.yaml", "qwen2vl_7b_lora.yaml"])
+def test_shipped_example_configs_parse(name: str) -> None:
+    from lavender.cli import apply_config, build_parser
+
+    parser, _ = build_parser("train")
+    apply_config(parser, os.path.join(os.path.dirname(__file__), "..", "examples", name))
+    args = parser.parse_args([])
+    assert args.model and args.lambda_att == 10.0 and args.learning_rate == pytest.approx(1e-4)

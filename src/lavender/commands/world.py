@@ -2,6 +2,8 @@
 
   lavender world scenes --out DIR --split train --n 1000 --seed 0            VQA records
   lavender world scenes --out DIR --split train --n 5000 --seed 0 --captions caption rows
+  lavender world train-dm --out DIR --steps 2000 --seed 0 [--chunk-minutes 10] [--resume]
+  lavender world score-dm --dm DIR/pipeline [--n 100] [--out scores.json]
 
 Each recipe is a sub-subcommand with one small function here; the work lives in lavender.world.
 """
@@ -14,6 +16,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
     _add_scenes(sub)
+    _add_train_dm(sub)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,4 +48,79 @@ def _scenes(args: argparse.Namespace) -> int:
     write = write_captions if args.captions else write_split
     path = write(args.out, args.split, args.n, args.seed)
     print(f"wrote {args.n} {'caption' if args.captions else 'VQA'} records to {path}")
+    return 0
+
+
+def _add_train_dm(sub) -> None:
+    from lavender.world.dm import DMConfig
+
+    d = DMConfig()
+    p = sub.add_parser("train-dm", help="train the world's tiny Stable Diffusion pipeline from scratch",
+                       description="Train the miniature world's text-to-image DM (VAE, then UNet + CLIP text "
+                                   "encoder) on fresh scenes; resumable in chunks. The pipeline is written "
+                                   "with save_pretrained to OUT/pipeline after every chunk. See docs/world_dm.md.")
+    p.add_argument("--out", required=True, help="run folder (train_state.pt, train_info.json, pipeline/)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"UNet + text-encoder steps (default {d.steps})")
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps,
+                   help=f"VAE reconstruction steps, run first (default {d.vae_steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"scenes per step (default {d.batch_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, data and noise (default {d.seed})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"UNet/text-encoder peak learning rate (default {d.lr})")
+    p.add_argument("--unet-channels", type=int, nargs="+", default=list(d.unet_channels),
+                   help="UNet block widths; one level per entry (default %(default)s)")
+    p.add_argument("--vae-channels", type=int, nargs="+", default=list(d.vae_channels),
+                   help="VAE block widths; the latent side is 64 / 2^(len-1) (default %(default)s)")
+    p.add_argument("--text-width", type=int, default=d.text_width, help="text encoder width (default %(default)s)")
+    p.add_argument("--chunk-minutes", type=float, default=None,
+                   help="stop after this many minutes, saving state (continue with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.set_defaults(run=_train_dm)
+
+    s = sub.add_parser("score-dm", help="how well a DM's Stage-1 maps localise colour and shape words",
+                       description="Run Stage 1's ddim recipe on held-out scenes and report, per cross-attention "
+                                   "layer and per resolution, the attention mass inside each colour/shape "
+                                   "word's object over a uniform map's (1.0 = none) and the IoU of the map "
+                                   "thresholded at 0.5 of its min-max range with the mask.")
+    s.add_argument("--dm", default=None, help="pipeline folder (default: the committed world DM)")
+    s.add_argument("--n", type=int, default=100, help="held-out scenes (default 100)")
+    s.add_argument("--seed", type=int, default=1234, help="scene seed (default 1234)")
+    s.add_argument("--split", default="test", help="scene split (default test)")
+    s.add_argument("--out", default=None, help="write the result JSON here")
+    s.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    s.set_defaults(run=_score_dm)
+
+
+def _train_dm(args: argparse.Namespace) -> int:
+    import torch
+
+    from lavender.world.dm import DMConfig, train_dm
+
+    torch.set_num_threads(args.threads)
+    if args.steps < 0 or args.vae_steps < 1 or args.batch_size < 1:
+        raise SystemExit("lavender world train-dm: --steps must be >= 0, --vae-steps and --batch-size >= 1")
+    cfg = DMConfig(steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size, seed=args.seed,
+                   lr=args.lr, unet_channels=tuple(args.unet_channels), vae_channels=tuple(args.vae_channels),
+                   text_width=args.text_width)
+    trainer = train_dm(args.out, cfg, resume=args.resume, chunk_minutes=args.chunk_minutes)
+    where = f"{args.out}/pipeline" if trainer.vae_step >= cfg.vae_steps else "(not yet: VAE phase)"
+    print(f"{'finished' if trainer.done else 'paused (run again with --resume)'}: VAE step {trainer.vae_step}/"
+          f"{cfg.vae_steps}, UNet step {trainer.step}/{cfg.steps}, {trainer.seconds / 60:.1f} min wall, "
+          f"{trainer.cpu_seconds / 60:.1f} CPU-min; pipeline: {where}")
+    return 0
+
+
+def _score_dm(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from lavender.world.dm import CHECKPOINT_DIR, format_table, score_dm
+
+    torch.set_num_threads(args.threads)
+    result = score_dm(args.dm or CHECKPOINT_DIR, n=args.n, seed=args.seed, split=args.split)
+    print(format_table(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
     return 0

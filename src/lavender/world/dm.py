@@ -1,0 +1,503 @@
+"""The miniature world's text-to-image diffusion model: a real diffusers Stable Diffusion pipeline,
+trained from scratch on scene captions, and the score that says whether its Stage-1 maps localise.
+
+Why these sizes (docs/world_dm.md has the measurements):
+
+- 64×64 scenes → a trained ``AutoencoderKL`` that downsamples by 4 → a 4×16×16 latent. A 32×32 latent
+  made every UNet step ~4× dearer on the 2-core CPU (2.5–5 s vs ~1.3 s at batch 16), i.e. a quarter of
+  the training steps in the same budget, and the feasibility probe found the 16×16 layers localise
+  best anyway. A VAE is kept (rather than pixel space) because Stage 1 runs ``vae.encode`` like SD.
+- UNet: two levels (64, 96 channels), cross-attention at **16×16** (down block 0, up block 1) and
+  **8×8** (down block 1, the mid block, up block 0). So ``lavender extract --resolutions`` chooses
+  from {16, 8} for this DM (not SD's default {16, 32}, which does not exist here).
+- Text: a 2-layer causal ``CLIPTextModel`` (width 64) trained jointly with the UNet, over a CLIP BPE
+  tokenizer whose merges make every world word one token. Causal attention puts "red" into the
+  embedding of the following "circle" token, so an object's pixels can find its shape word by colour.
+- Training conditions exactly as Stage 1 encodes (77 tokens padded with EOS, no attention mask), so
+  the maps Stage 1 reads come from the regime the model was trained in; captions are dropped 10% of
+  the time so the null text means something (the ``nulltext`` recipe's guidance).
+- Two to four objects per training scene: with several objects the UNet must bind each word to one
+  object, which is what per-word localisation needs.
+
+Training is two phases in one resumable loop: ``vae_steps`` of VAE reconstruction, then ``steps`` of
+ε-prediction for UNet + text encoder. Every chunk saves ``train_state.pt`` (weights, optimiser, step,
+loss log) and exports the pipeline; the data and noise of step ``i`` are drawn from generators seeded by
+``(seed, phase, i)``, so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lavender.world.scenes import SIZE, downsample_masks, sample_batch
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints" / "dm"
+STATE_FILE = "train_state.pt"
+PIPELINE_SUBDIR = "pipeline"
+WORD_KINDS = ("colour", "shape")
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass
+class DMConfig:
+    """Sizes and optimisation of the world DM (the ``train-dm`` flags override the first block)."""
+
+    steps: int = 2000  # UNet + text-encoder steps
+    vae_steps: int = 300  # VAE reconstruction steps (run first)
+    batch_size: int = 16
+    seed: int = 0
+    lr: float = 1e-3
+    vae_lr: float = 2e-3
+    warmup: int = 100
+    uncond_prob: float = 0.1
+    min_objects: int = 2
+    max_objects: int = 4
+    # model sizes
+    unet_channels: tuple[int, ...] = (64, 96)
+    heads: int = 2
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 blocks → downsample 4 → latent 16×16
+    latent_channels: int = 4
+    text_width: int = 64
+    text_layers: int = 2
+    kl_weight: float = 1e-6
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def latent_side(self) -> int:
+        return SIZE // 2 ** (len(self.vae_channels) - 1)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["unet_channels"], d["vae_channels"] = list(self.unet_channels), list(self.vae_channels)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> DMConfig:
+        d = dict(d)
+        d["unet_channels"], d["vae_channels"] = tuple(d["unet_channels"]), tuple(d["vae_channels"])
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------ parts
+def make_world_tokenizer(out: str | Path):
+    """A ``CLIPTokenizer`` over every byte plus one merged token per world word, written to ``out``.
+
+    Built offline: the byte alphabet is CLIP's reversible table, so any text still tokenises (unknown
+    words fall back to characters), while every caption word is exactly one token.
+    """
+    from transformers import CLIPTokenizer
+
+    from lavender.diffusion.tiny import _bytes_to_unicode
+    from lavender.world.questions import vocabulary
+
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    seen, merges = set(tokens), []
+    for word in (w for w in vocabulary() if w.isalpha() and len(w) > 1):
+        cur = word[0]
+        for nxt in list(word[1:-1]) + [word[-1] + "</w>"]:
+            merges.append(f"{cur} {nxt}")
+            cur += nxt
+            if cur not in seen:
+                tokens.append(cur)
+                seen.add(cur)
+    merges = list(dict.fromkeys(merges))  # shared prefixes ("re" of red/right) appear once
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer.from_pretrained(out, model_max_length=77)
+    tok.save_pretrained(out)
+    return tok
+
+
+def build_parts(cfg: DMConfig, tokenizer) -> dict:
+    """Fresh VAE, UNet, text encoder (weights from ``cfg.seed``) and the DDIM scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(cfg.seed)
+    n_vae = len(cfg.vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n_vae,
+                        up_block_types=("UpDecoderBlock2D",) * n_vae, block_out_channels=cfg.vae_channels,
+                        latent_channels=cfg.latent_channels, norm_num_groups=8, sample_size=SIZE,
+                        mid_block_add_attention=False)
+    n_unet = len(cfg.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.latent_side, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        layers_per_block=1, block_out_channels=cfg.unet_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * n_unet, up_block_types=("CrossAttnUpBlock2D",) * n_unet,
+        cross_attention_dim=cfg.text_width, attention_head_dim=cfg.heads,  # legacy name: number of heads
+        norm_num_groups=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=2 * cfg.text_width,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
+        projection_dim=cfg.text_width, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    # SD-1.x's schedule, so DDIM inversion in Stage 1 behaves as with a real SD checkpoint
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def save_pipeline(parts: dict, tokenizer, out: str | Path) -> Path:
+    """``save_pretrained`` a ``StableDiffusionPipeline`` of the parts (safetensors) to ``out``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer,
+                                   unet=parts["unet"], scheduler=parts["scheduler"], safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
+# ------------------------------------------------------------------------------------------ training
+def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(n, H, W, 3) uint8 → (n, 3, H, W) float32 in [-1, 1] (Stage 1's pixel range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _batch(cfg: DMConfig, phase: int, step: int):
+    """The scenes of ``step`` in ``phase`` (0 = VAE, 1 = UNet): a pure function of (seed, phase, step)."""
+    rng = np.random.default_rng([cfg.seed, phase, step])
+    return sample_batch(rng, cfg.batch_size, split="train", objects=(cfg.min_objects, cfg.max_objects))
+
+
+def _lr(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+class Trainer:
+    """Resumable two-phase training of the world DM in ``out`` (see the module docstring)."""
+
+    def __init__(self, out: str | Path, cfg: DMConfig, resume: bool = False):
+        self.out = Path(out)
+        self.state_path = self.out / STATE_FILE
+        if self.state_path.exists() and not resume:
+            raise FileExistsError(f"{self.state_path} exists: pass --resume to continue that run, or choose "
+                                  f"another --out")
+        if resume and not self.state_path.exists():
+            raise FileNotFoundError(f"--resume: no {STATE_FILE} in {self.out}; start without --resume")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = make_world_tokenizer(self.out / "tokenizer")
+        state = torch.load(self.state_path, weights_only=False) if resume else None
+        if state is not None:
+            saved = DMConfig.from_json(state["config"])
+            # the schedule length and batch may change on resume; sizes and seed may not
+            for k in ("seed", "unet_channels", "vae_channels", "latent_channels", "text_width", "text_layers",
+                      "heads"):
+                if getattr(saved, k) != getattr(cfg, k):
+                    raise ValueError(f"--resume: {k}={getattr(cfg, k)!r} differs from the saved run's "
+                                     f"{getattr(saved, k)!r}; use the same value")
+        self.cfg = cfg
+        self.parts = build_parts(cfg, self.tokenizer)
+        self.vae, self.unet, self.te = self.parts["vae"], self.parts["unet"], self.parts["text_encoder"]
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr)
+        self.opt = torch.optim.AdamW(list(self.unet.parameters()) + list(self.te.parameters()), lr=cfg.lr,
+                                     weight_decay=1e-2)
+        self.vae_step, self.step, self.log = 0, 0, []
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+        if state is not None:
+            for name, mod in (("vae", self.vae), ("unet", self.unet), ("text_encoder", self.te)):
+                mod.load_state_dict(state[name])
+            self.vae_opt.load_state_dict(state["vae_opt"])
+            self.opt.load_state_dict(state["opt"])
+            self.vae_step, self.step, self.log = state["vae_step"], state["step"], state["log"]
+            self.seconds, self.cpu_seconds = state.get("seconds", 0.0), state.get("cpu_seconds", 0.0)
+            self.vae.register_to_config(scaling_factor=state["scaling_factor"])
+        alphas = self.parts["scheduler"].alphas_cumprod.float()
+        self.sqrt_a, self.sqrt_1ma = alphas.sqrt(), (1 - alphas).sqrt()
+        self.uncond_ids = self._tokenize([""])
+
+    @property
+    def done(self) -> bool:
+        return self.vae_step >= self.cfg.vae_steps and self.step >= self.cfg.steps
+
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        # exactly Stage 1's encoding: 77 tokens, EOS-padded, no attention mask
+        return self.tokenizer(texts, padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt")["input_ids"]
+
+    def vae_train_step(self) -> float:
+        cfg, i = self.cfg, self.vae_step
+        x = _images_to_tensor(_batch(cfg, 0, i).images)
+        for g in self.vae_opt.param_groups:
+            g["lr"] = _lr(cfg.vae_lr, i, cfg.vae_steps, min(cfg.warmup, cfg.vae_steps // 5 + 1))
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+        post = self.vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = self.vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_opt.step()
+        self.vae_step += 1
+        if self.vae_step == cfg.vae_steps:
+            self._set_scaling_factor()
+        return float(loss)
+
+    @torch.no_grad()
+    def _set_scaling_factor(self) -> None:
+        """SD's convention: scale latents to unit std (measured on 256 fixed scenes)."""
+        x = _images_to_tensor(sample_batch(np.random.default_rng([self.cfg.seed, 9]), 256).images)
+        std = float(self.vae.encode(x).latent_dist.mean.std())
+        self.vae.register_to_config(scaling_factor=1.0 / std)
+
+    def unet_train_step(self) -> float:
+        cfg, i = self.cfg, self.step
+        b = _batch(cfg, 1, i)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_000 + i)
+        with torch.no_grad():
+            z0 = self.vae.encode(_images_to_tensor(b.images)).latent_dist.mean * self.vae.config.scaling_factor
+        drop = torch.rand(len(b.captions), generator=gen) < cfg.uncond_prob
+        ids = self._tokenize(["" if d else c for c, d in zip(b.captions, drop.tolist())])
+        t = torch.randint(0, len(self.sqrt_a), (len(ids),), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        zt = self.sqrt_a[t].view(-1, 1, 1, 1) * z0 + self.sqrt_1ma[t].view(-1, 1, 1, 1) * noise
+        for g in self.opt.param_groups:
+            g["lr"] = _lr(cfg.lr, i, cfg.steps, cfg.warmup)
+        emb = self.te(ids)[0]  # (B, 77, width)
+        loss = F.mse_loss(self.unet(zt, t, emb).sample, noise)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.te.parameters()), 1.0)
+        self.opt.step()
+        self.step += 1
+        return float(loss)
+
+    def run(self, minutes: float | None = None, progress: bool = True) -> bool:
+        """Train until done or ``minutes`` have passed; save state and pipeline; return ``done``."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        t0, c0 = time.perf_counter(), time.process_time()
+        deadline = t0 + 60 * minutes if minutes else math.inf
+        total = cfg.vae_steps + cfg.steps
+        bar = tqdm(total=total, initial=min(self.vae_step, cfg.vae_steps) + min(self.step, cfg.steps),
+                   disable=not progress, desc="train-dm", unit="step")
+        recent: list[float] = []
+        try:
+            while not self.done and time.perf_counter() < deadline:
+                vae_phase = self.vae_step < cfg.vae_steps
+                for m, on in ((self.vae, vae_phase), (self.unet, not vae_phase), (self.te, not vae_phase)):
+                    m.train(on)
+                loss = self.vae_train_step() if vae_phase else self.unet_train_step()
+                phase = "vae" if vae_phase else "unet"
+                step = self.vae_step if vae_phase else self.step
+                recent = (recent if recent and self.log and self.log[-1]["phase"] == phase else []) + [loss]
+                recent = recent[-50:]
+                self.log.append({"phase": phase, "step": step, "loss": loss})
+                bar.update(1)
+                bar.set_postfix(phase=phase, loss=f"{np.mean(recent):.4f}")
+        finally:
+            bar.close()
+            self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.process_time() - c0
+            self.save()
+        return self.done
+
+    def save(self) -> None:
+        """Write ``train_state.pt`` atomically, then the pipeline (usable even mid-training)."""
+        state = {"config": self.cfg.to_json(), "vae": self.vae.state_dict(), "unet": self.unet.state_dict(),
+                 "text_encoder": self.te.state_dict(), "vae_opt": self.vae_opt.state_dict(),
+                 "opt": self.opt.state_dict(), "vae_step": self.vae_step, "step": self.step, "log": self.log,
+                 "scaling_factor": float(self.vae.config.scaling_factor), "seconds": self.seconds,
+                 "cpu_seconds": self.cpu_seconds}
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.state_path)
+        if self.vae_step >= self.cfg.vae_steps:
+            for m in (self.vae, self.unet, self.te):
+                m.eval()
+            save_pipeline(self.parts, self.tokenizer, self.out / PIPELINE_SUBDIR)
+        info = {"done": self.done, "vae_step": self.vae_step, "step": self.step, "config": self.cfg.to_json(),
+                "wall_seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
+                "last_loss": self.log[-1]["loss"] if self.log else None}
+        (self.out / "train_info.json").write_text(json.dumps(info, indent=1))
+
+
+def train_dm(out: str | Path, cfg: DMConfig, resume: bool = False, chunk_minutes: float | None = None,
+             progress: bool = True) -> Trainer:
+    """Train (or continue) the world DM in ``out``; one call runs one chunk of ≤ ``chunk_minutes``.
+
+    The pipeline is written to ``out/pipeline`` at the end of every chunk after the VAE phase; call
+    again with ``resume=True`` until ``trainer.done``.
+    """
+    trainer = Trainer(out, cfg, resume=resume)
+    trainer.run(chunk_minutes, progress=progress)
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def mass_ratio(attn: np.ndarray, mask: np.ndarray) -> float:
+    """Attention mass inside ``mask`` over the mass a uniform map puts there (1.0 = no localisation).
+
+    ``attn`` (S, S) ≥ 0; ``mask`` (S, S) in [0, 1] (coverage of each cell by the object). A map equal to
+    a binary mask scores 1 / (mask's area fraction); a constant map scores 1.
+    """
+    total = float(attn.sum())
+    area = float(mask.mean())
+    if total <= 0 or area <= 0:
+        return float("nan")
+    return float((attn * mask).sum()) / total / area
+
+
+def thresholded_iou(attn: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
+    """IoU of {cells with attention ≥ ``threshold`` of its min–max range} with {mask coverage ≥ 0.5}."""
+    lo, hi = float(attn.min()), float(attn.max())
+    pred = (attn - lo) >= threshold * (hi - lo) if hi > lo else np.zeros(attn.shape, bool)
+    gt = mask >= 0.5
+    union = int((pred | gt).sum())
+    return float((pred & gt).sum()) / union if union else float("nan")
+
+
+def word_kind(word: str) -> str | None:
+    from lavender.world.scenes import COLOURS, SHAPES
+
+    return "colour" if word in COLOURS else "shape" if word in SHAPES else None
+
+
+class _LayerStore:
+    """Per-layer running sums with the accumulator interface ``CaptureCrossAttnProcessor`` calls.
+
+    ``run_ddim`` switches ``active`` on the parent; each layer's view reads it and adds into its own
+    buffer, so one denoising pass yields every layer's maps (Stage 1 sums them per resolution).
+    """
+
+    class View:
+        def __init__(self, parent: _LayerStore, key: str):
+            self.parent, self.key = parent, key
+
+        @property
+        def active(self) -> bool:
+            return self.parent.active
+
+        def add(self, side: int, probs: torch.Tensor) -> None:
+            n = self.parent.n_images
+            buf = self.parent.sums.get(self.key)
+            p = probs[-n:].float()  # conditional rows only, as the accumulator keeps
+            self.parent.sums[self.key] = p.clone() if buf is None else buf + p
+            self.parent.counts[self.key] = self.parent.counts.get(self.key, 0) + 1
+
+    def __init__(self):
+        self.active = False
+        self.n_images = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def reset(self, n: int) -> None:
+        self.n_images, self.sums, self.counts = n, {}, {}
+
+
+def _layer_name(key: str) -> str:
+    return key.replace(".processor", "").replace("transformer_blocks.0.", "").replace("attentions.", "a")
+
+
+def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test", steps: int = 10,
+             inversion_steps: int = 5, batch_size: int = 10, map_size: int = 32, threshold: float = 0.5,
+             progress: bool = True) -> dict:
+    """Localisation of the DM's Stage-1 ``ddim`` maps on ``n`` held-out scenes, per layer and resolution.
+
+    Uses Stage 1's own model wrapper, framing, tokenisation, DDIM recipe, capture processor and word
+    merging (``lavender.diffusion.extract``); only the accumulation is per layer. Per-resolution maps are
+    the mean of that resolution's layers and "all" the mean of every layer — what
+    ``--resolutions`` averages. Each word map is compared with its object's mask (area-averaged to
+    ``map_size``): ``ratio`` = mass ratio of the raw map (mean token probability), ``ratio_minmax`` = of
+    the min–max normalised map Stage 1 stores, ``iou`` = :func:`thresholded_iou` at ``threshold``.
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from lavender.diffusion.capture import CaptureCrossAttnProcessor
+    from lavender.diffusion.extract import DiffusionModel, frame_image, to_pixels, word_maps
+    from lavender.diffusion.inversion import run_ddim
+
+    model = DiffusionModel(str(dm))
+    from lavender.diffusion.capture import cross_attention_sides
+    sides = {k: s for k, s in cross_attention_sides(model.unet, model.latent_side).items() if s > 0}
+    store = _LayerStore()
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    model.unet.set_attn_processor({k: CaptureCrossAttnProcessor(_LayerStore.View(store, k), sides[k])
+                                   if k in sides else AttnProcessor2_0() for k in model.unet.attn_processors})
+    with torch.inference_mode():
+        null = model.encode_text(model.tokenize([""])["input_ids"])
+    groups = {_layer_name(k): [k] for k in sides}
+    for s in sorted(set(sides.values()), reverse=True):
+        groups[f"res{s}"] = [k for k in sides if sides[k] == s]
+    groups["all"] = list(sides)
+    # per group and word kind: lists of (ratio, ratio_minmax, iou)
+    acc: dict[str, dict[str, list[tuple[float, float, float]]]] = {g: {k: [] for k in WORD_KINDS} for g in groups}
+    rng = np.random.default_rng([seed, 77])
+    batch = sample_batch(rng, n, split=split)
+    bar = tqdm(total=n, disable=not progress, desc="score-dm", unit="img")
+    for i in range(0, n, batch_size):
+        imgs = batch.images[i: i + batch_size]
+        caps = batch.captions[i: i + batch_size]
+        gts = batch.word_masks[i: i + batch_size]
+        pixels = to_pixels([frame_image(Image.fromarray(im), model.image_size, "squash") for im in imgs])
+        enc = model.tokenize(caps)
+        x0 = model.encode_images(pixels)
+        cond = model.encode_text(enc["input_ids"])
+        store.reset(len(caps))
+        run_ddim(model.eps, x0, cond, null.expand(len(caps), -1, -1), model.schedule, store, steps,
+                 inversion_steps, 1.0)
+        # per layer: (b, side², 77) sums → (b, 77, map_size, map_size) means over steps
+        layer_maps = {}
+        for k, s in sides.items():
+            m = (store.sums[k] / store.counts[k]).transpose(1, 2).reshape(len(caps), -1, s, s)
+            layer_maps[k] = F.interpolate(m, size=(map_size, map_size), mode="bilinear", align_corners=False,
+                                          antialias=s > map_size)
+        for g, keys in groups.items():
+            token_maps = torch.stack([layer_maps[k] for k in keys]).mean(0)  # (b, 77, S, S)
+            for j, (cap, gt) in enumerate(zip(caps, gts)):
+                offsets = [tuple(o) for o in enc["offset_mapping"][j].tolist()]
+                special = [bool(x) for x in enc["special_tokens_mask"][j].tolist()]
+                words, offs, maps, _ = word_maps(cap, offsets, special, token_maps[j], "none")
+                by_offset = dict(zip(offs, maps))
+                masks = downsample_masks(gt.masks, map_size)  # (n_words, S, S) coverage
+                for w, off, mask in zip(gt.words, gt.offsets, masks):
+                    kind = word_kind(w)
+                    if kind is None or tuple(off) not in by_offset:
+                        continue
+                    a = by_offset[tuple(off)]
+                    lo, hi = a.min(), a.max()
+                    mm = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+                    acc[g][kind].append((mass_ratio(a, mask), mass_ratio(mm, mask), thresholded_iou(a, mask, threshold)))
+        bar.update(len(caps))
+    bar.close()
+    table = {}
+    for g in groups:
+        row = {"sides": sorted({sides[k] for k in groups[g]}), "layers": len(groups[g])}
+        for kind in WORD_KINDS:
+            arr = np.array(acc[g][kind], dtype=np.float64)
+            row[kind] = {"ratio": float(np.nanmean(arr[:, 0])), "ratio_minmax": float(np.nanmean(arr[:, 1])),
+                         "iou": float(np.nanmean(arr[:, 2])), "n": int(len(arr))}
+        table[g] = row
+    return {"dm": str(dm), "n_scenes": n, "seed": seed, "split": split, "recipe": {"name": "ddim", "steps": steps,
+            "inversion_steps": inversion_steps}, "map_size": map_size, "threshold": threshold,
+            "layers": {_layer_name(k): k for k in sides}, "table": table}
+
+
+def format_table(result: dict) -> str:
+    """The score table as Markdown (one row per layer / resolution group)."""
+    lines = ["| maps | sides | colour ratio | colour ratio (minmax) | colour IoU | shape ratio | "
+             "shape ratio (minmax) | shape IoU |", "|---|---|---|---|---|---|---|---|"]
+    for g, row in result["table"].items():
+        c, s = row["colour"], row["shape"]
+        lines.append(f"| {g} | {','.join(map(str, row['sides']))} | {c['ratio']:.2f} | {c['ratio_minmax']:.2f} | "
+                     f"{c['iou']:.3f} | {s['ratio']:.2f} | {s['ratio_minmax']:.2f} | {s['iou']:.3f} |")
+    return "\n".join(lines)
