@@ -170,6 +170,13 @@ def load_head_state(head: LavenderHead, run_dir: str) -> bool:
     return True
 
 
+def word_maps(captured: dict[int, torch.Tensor], align: Any, aggregation: str) -> torch.Tensor:
+    """``(N, C, S, S)`` VLM maps of a batch's matched words, in the attention dataset's frame."""
+    per_sample = aggregate(captured, align.rows, align.grids, aggregation, attention_mask=align.attention_mask,
+                           frame=align.frame, size=align.targets.shape[-1])
+    return torch.cat(per_sample)
+
+
 class MetricsCallback(TrainerCallback):
     """Appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl``.
 
@@ -246,11 +253,7 @@ class LavenderTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def word_maps(self, align: Any) -> torch.Tensor:
-        """``(N, C, S, S)`` VLM maps of the batch's matched words, in the DM dataset's frame."""
-        per_sample = aggregate(self.capture.maps, align.rows, align.grids, self.aggregation,
-                               attention_mask=align.attention_mask, frame=align.frame,
-                               size=align.targets.shape[-1])
-        return torch.cat(per_sample)
+        return word_maps(self.capture.maps, align, self.aggregation)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         self._set_pretrain_freeze(self.in_aligner_pretraining())

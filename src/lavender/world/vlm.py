@@ -418,3 +418,103 @@ def train_vlm(out: str, recipe: Recipe, resume: bool = False, max_minutes: float
     progress(f"done: {step} steps; held-out caption token accuracy {result['caption_token_accuracy']:.3f}; "
              f"model and processor saved to {out}")
     return result
+
+
+# --- evaluation: greedy answers, exact match --------------------------------------------------------
+def normalise_answer(text: str) -> str:
+    """Lower-case, first line, trimmed, trailing punctuation dropped: "Yes." → "yes"."""
+    lines = text.strip().splitlines()
+    return " ".join((lines[0] if lines else "").lower().strip().rstrip(".!?,;:").split())
+
+
+@torch.no_grad()
+def generate_answers(model: Any, processor: Any, images: Sequence[Any], conversations: Sequence[list[dict]],
+                     batch_size: int = 32, max_new_tokens: int = 4) -> list[str]:
+    """Greedy continuations of ``conversations`` (each ending with a user turn), batched with left padding.
+
+    Left padding keeps every prompt's last token at the end of the row, so one ``generate`` call
+    continues all of them; the tokenizer's padding side is restored afterwards.
+    """
+    from lavender.chat import adds_special_tokens, render
+
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    was = model.training
+    model.eval()
+    answers: list[str] = []
+    try:
+        for s in range(0, len(images), batch_size):
+            texts = [render(processor, c, add_generation_prompt=True) for c in conversations[s:s + batch_size]]
+            batch = processor(text=texts, images=[[im] for im in images[s:s + batch_size]], padding=True,
+                              return_tensors="pt", add_special_tokens=adds_special_tokens(tok, texts[0]))
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            new = out[:, batch["input_ids"].shape[1]:]  # (B, ≤ max_new_tokens): generated ids only
+            answers += [normalise_answer(t) for t in tok.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tok.padding_side = side
+        model.train(was)
+    return answers
+
+
+def load_vqa(path: str, limit: int | None = None) -> list[dict]:
+    """VQA records of a JSONL file as ``{"id", "image", "prompt", "answers", "type"}`` (image = PIL).
+
+    ``prompt`` is the conversation without its last assistant turn; ``answers`` the record's
+    ``answers`` field (world records) or else that assistant turn; ``type`` its ``type`` or "all".
+    """
+    from lavender.records import RecordError, iter_records, load_image
+
+    raw = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                raw[str(row.get("id"))] = row
+    items = []
+    for rec in iter_records(path):
+        if isinstance(rec, RecordError):
+            raise rec
+        turns = rec.messages
+        if not turns or turns[-1]["role"] != "assistant" or len(rec.images) != 1:
+            raise ValueError(f"{path}: record {rec.id!r} needs one image and a last assistant turn (the answer)")
+        row = raw.get(rec.id, {})
+        answers = row.get("answers") or [turns[-1]["content"]]
+        items.append({"id": rec.id, "image": load_image(rec.images[0]), "prompt": turns[:-1],
+                      "answers": [normalise_answer(str(a)) for a in answers], "type": row.get("type", "all")})
+        if limit is not None and len(items) >= limit:
+            break
+    return items
+
+
+def majority_answer(items: Sequence[dict]) -> str:
+    """The most frequent first answer (ties: the alphabetically first), e.g. of the fine-tuning set."""
+    from collections import Counter
+
+    counts = Counter(it["answers"][0] for it in items)
+    return min(counts, key=lambda a: (-counts[a], a))
+
+
+def exact_match(predictions: Sequence[str], items: Sequence[dict], majority: str | None = None) -> dict:
+    """Exact-match accuracy overall and per ``type`` (and of always answering ``majority``)."""
+    def acc(hits: list[bool]) -> float:
+        return sum(hits) / len(hits) if hits else 0.0
+
+    hits = [normalise_answer(p) in it["answers"] for p, it in zip(predictions, items, strict=True)]
+    types = sorted({it["type"] for it in items})
+    result: dict[str, Any] = {
+        "n": len(items), "accuracy": acc(hits),
+        "per_type": {t: acc([h for h, it in zip(hits, items) if it["type"] == t]) for t in types}}
+    if majority is not None:
+        result["majority_answer"] = majority
+        result["majority"] = acc([majority in it["answers"] for it in items])
+    return result
+
+
+def evaluate_vqa(model: Any, processor: Any, path: str, batch_size: int = 32, limit: int | None = None,
+                 majority: str | None = None) -> dict:
+    """Greedy answers to the VQA records of ``path`` scored by exact match (see :func:`exact_match`)."""
+    items = load_vqa(path, limit)
+    preds = generate_answers(model, processor, [it["image"] for it in items], [it["prompt"] for it in items],
+                             batch_size=batch_size)
+    return {**exact_match(preds, items, majority), "predictions": dict(zip([it["id"] for it in items], preds))}
