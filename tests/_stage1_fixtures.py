@@ -11,12 +11,19 @@ import numpy as np
 from PIL import Image
 
 
-@lru_cache(maxsize=1)
-def tiny_dm_path() -> str:
+# The tests' DM: 32 px images, so cross-attention maps have sides 16 and 8 (4× cheaper than the 64 px
+# default of `lavender tiny-dm`, whose sides 32 and 16 match --resolutions' default).
+TEST_IMAGE_SIZE = 32
+TEST_RESOLUTIONS = ["--resolutions", "8", "16"]
+
+
+@lru_cache(maxsize=2)
+def tiny_dm_path(image_size: int = TEST_IMAGE_SIZE) -> str:
     """The tiny SD pipeline, built once per process in a temp folder (about 1 s)."""
     from lavender.diffusion.tiny import make_tiny_dm
 
-    return str(make_tiny_dm(Path(tempfile.mkdtemp(prefix="lavender-tiny-dm-")) / "dm", seed=0))
+    out = Path(tempfile.mkdtemp(prefix="lavender-tiny-dm-")) / "dm"
+    return str(make_tiny_dm(out, seed=0, image_size=image_size))
 
 
 def write_images_and_records(folder: Path, n: int, caption: str = "a red circle left of a blue square",

@@ -123,3 +123,32 @@ def test_learn_copy_init_reproduces_the_model_and_trains(tiny_llava_dir: str) ->
     _, rnd_maps, _ = _llava_step(tiny_llava_dir, projections=True, init="random")
     k = next(iter(ref_maps))
     assert (rnd_maps[k] - ref_maps[k]).abs().max() > 1e-3
+
+
+def test_learn_copy_init_on_mllama_cross_attention(tiny_mllama_dir: str) -> None:
+    """Cross-attention: keys from the vision states, Mllama's per-head q_norm/k_norm applied, no RoPE."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from lavender.vlm.aggregate import keys_from_grids
+    from lavender.vlm.backend import CapturePlan, enable_capture
+
+    fam = families()["mllama"]
+    proc = fam.load_processor(tiny_mllama_dir)
+    image = Image.new("RGB", (70, 40), (200, 30, 30))
+    inputs = dict(proc(images=[[image]], text=["<|image|>a red star on the left"], return_tensors="pt"))
+    maps = []
+    for learn_on in (False, True):
+        model = AutoModelForImageTextToText.from_pretrained(tiny_mllama_dir).eval()
+        layers = fam.default_layers(model)
+        learn = LearnedProjections({i: fam.attention_modules(model)[i] for i in layers}).attach() if learn_on else None
+        capture = enable_capture(model, fam, projector=learn)
+        keys, key_valid, _ = keys_from_grids(fam.image_grids(inputs, [[image.size]], model.config, proc), 1)
+        rows = torch.arange(2, inputs["input_ids"].shape[1])[None]
+        capture.arm(CapturePlan(layers, rows, torch.ones_like(rows, dtype=torch.bool), keys, key_valid))
+        model(**inputs)
+        maps.append(capture.maps)
+    for k in maps[0]:
+        torch.testing.assert_close(maps[1][k], maps[0][k], atol=1e-6, rtol=1e-5)
+    sum(m.pow(2).sum() for m in maps[1].values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learn.parameters())

@@ -100,7 +100,7 @@ def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence
                       layers: Sequence[int] | None = None, aggregation: str = "mean-mean",
                       row_owner: str = "next", align_on: str = "answer", match: str = "exact",
                       batch_size: int = 8) -> list[dict[str, Any]]:
-    """Per matched word of ``records``: ``{id, word, vlm (S,S) raw, dm (S,S)}``.
+    """Per matched word of ``records``: ``{id, word, dm_index, vlm (S,S) raw, dm (S,S)}``.
 
     ``vlm`` is the aggregated attention before any Aligner, heads averaged (``heads`` → mean).
     """
@@ -118,6 +118,7 @@ def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence
             chunk = records[i : i + batch_size]
             batch = collator(chunk)
             align = batch.pop("lavender")
+            ids = [r.id for r in chunk if r.id not in {sid for sid, _ in collator.skipped}]
             if not align.n_matched:
                 continue
             capture.arm(align.plan)
@@ -127,7 +128,7 @@ def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence
             k = 0
             for b, words in enumerate(align.rows.words):
                 for w in words:
-                    out.append({"id": chunk[b].id if b < len(chunk) else None, "word": w.text,
+                    out.append({"id": ids[b], "word": w.text, "dm_index": align.target_index[k],
                                 "vlm": maps[k].float().cpu().numpy(), "dm": align.targets[k].numpy()})
                     k += 1
     finally:

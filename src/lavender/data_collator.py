@@ -40,6 +40,7 @@ class AlignmentBatch:
         attention_mask: the batch's mask (row weights r_t of the flow aggregations).
         n_words: words considered in the batch (matched or not), for the match rate.
         frame: the attention dataset's frame (squash / pad / center-crop).
+        target_index: per matched word, the index of its DM word in the example's attention entry.
     """
 
     plan: CapturePlan
@@ -49,6 +50,7 @@ class AlignmentBatch:
     attention_mask: torch.Tensor
     n_words: int
     frame: str = "squash"
+    target_index: list[int] = field(default_factory=list)
 
     @property
     def n_matched(self) -> int:
@@ -137,7 +139,7 @@ class LavenderCollator:
             input_ids, self.family, self.config, attention_mask=batch["attention_mask"],
             labels=batch["labels"], align_on=self.align_on, row_owner=self.row_owner)
         matched: list[list[Any]] = [[] for _ in recs]
-        targets = []
+        targets, target_index = [], []
         n_words = 0
         for b, rec in enumerate(recs):
             words = all_rows.words[b]
@@ -148,6 +150,7 @@ class LavenderCollator:
             for w, j in zip(words, match_words([w.text for w in words], entry["words"], self.match)):
                 if j is not None:
                     matched[b].append(w)
+                    target_index.append(j)
                     targets.append(torch.as_tensor(entry["maps"][j], dtype=torch.float32))
         rows = batch_rows(matched)
         size = int(self.store.manifest.get("map_size", 32))
@@ -156,7 +159,13 @@ class LavenderCollator:
             rows=rows, grids=grids,
             targets=torch.stack(targets) if targets else torch.zeros(0, size, size),
             attention_mask=batch["attention_mask"], n_words=n_words,
-            frame=self.store.manifest.get("frame", "squash"))
+            frame=manifest_frame(self.store.manifest), target_index=target_index)
+
+
+def manifest_frame(manifest: dict) -> str:
+    """The frame (squash / pad / center-crop) an attention dataset's maps are drawn in."""
+    frame = manifest.get("frame", "squash")
+    return frame["mode"] if isinstance(frame, dict) else str(frame)
 
 
 def _word_offsets(lay: Layout, off: int, length: int) -> list[tuple[int, int]]:

@@ -159,6 +159,8 @@ def parse_record(row: Any, index: int, base_dir: Path, source: str, images_root:
         if n_tags and n_tags != len(images):
             raise err(f"{n_tags} '<image>' tags in messages but {len(images)} images; they must match")
     elif caption is not None:
+        if not caption.strip() and not (align_text or "").strip():
+            raise err("empty text: field 'caption' is empty and there is no align_text")
         messages = [{"role": "user", "content": IMAGE_TAG + CAPTION_PROMPT},
                     {"role": "assistant", "content": caption}]
     else:

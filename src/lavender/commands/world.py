@@ -4,6 +4,7 @@
   lavender world scenes --out DIR --split train --n 5000 --seed 0 --captions caption rows
   lavender world train-dm --out DIR --steps 2000 --seed 0 [--chunk-minutes 10] [--resume]
   lavender world score-dm --dm DIR/pipeline [--n 100] [--out scores.json]
+  lavender world train-vlm --arch mllama --out DIR --steps 1200 --seed 0 [--chunk-minutes 10] [--resume]
 
 Each recipe is a sub-subcommand with one small function here; the work lives in lavender.world.
 """
@@ -17,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
     _add_scenes(sub)
     _add_train_dm(sub)
+    _add_train_vlm(sub)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -63,7 +65,10 @@ def _add_train_dm(sub) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help=f"UNet + text-encoder steps (default {d.steps})")
     p.add_argument("--vae-steps", type=int, default=d.vae_steps,
                    help=f"VAE reconstruction steps, run first (default {d.vae_steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"scenes per step (default {d.batch_size})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"scenes per UNet step (default {d.batch_size})")
+    p.add_argument("--vae-batch-size", type=int, default=d.vae_batch_size,
+                   help=f"scenes per VAE step (default {d.vae_batch_size})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, data and noise (default {d.seed})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"UNet/text-encoder peak learning rate (default {d.lr})")
     p.add_argument("--unet-channels", type=int, nargs="+", default=list(d.unet_channels),
@@ -99,7 +104,8 @@ def _train_dm(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.steps < 0 or args.vae_steps < 1 or args.batch_size < 1:
         raise SystemExit("lavender world train-dm: --steps must be >= 0, --vae-steps and --batch-size >= 1")
-    cfg = DMConfig(steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size, seed=args.seed,
+    cfg = DMConfig(steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size,
+                   vae_batch_size=args.vae_batch_size, seed=args.seed,
                    lr=args.lr, unet_channels=tuple(args.unet_channels), vae_channels=tuple(args.vae_channels),
                    text_width=args.text_width)
     trainer = train_dm(args.out, cfg, resume=args.resume, chunk_minutes=args.chunk_minutes)
@@ -124,3 +130,49 @@ def _score_dm(args: argparse.Namespace) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     return 0
+
+
+def _add_train_vlm(sub) -> None:
+    from lavender.world.vlm import ARCHS, Recipe
+
+    r = Recipe()
+    p = sub.add_parser("train-vlm", help="pre-train the world's tiny VLM (Mllama or LLaVA) on scene captions",
+                       description="Pre-train a world-sized VLM from scratch on fresh train-split scenes "
+                                   "(\"<image>Describe the image.\" -> caption; optionally a share of "
+                                   "seen-template questions); resumable in chunks. OUT holds the model and "
+                                   "processor (save_pretrained) after every chunk. See docs/world_vlm.md.")
+    p.add_argument("--arch", default=r.arch, choices=ARCHS, help=f"architecture (default {r.arch})")
+    p.add_argument("--out", required=True, help="model folder (+ training_state/ until the run completes)")
+    p.add_argument("--steps", type=int, default=r.steps, help=f"optimiser steps in total (default {r.steps})")
+    p.add_argument("--batch-size", type=int, default=r.batch_size, help=f"scenes per step (default {r.batch_size})")
+    p.add_argument("--seed", type=int, default=r.seed, help=f"seed of weights and data (default {r.seed})")
+    p.add_argument("--lr", type=float, default=r.lr, help=f"AdamW peak learning rate (default {r.lr})")
+    p.add_argument("--vqa-fraction", type=float, default=r.vqa_fraction,
+                   help="share of examples that are seen-template questions instead of captions "
+                        f"(default {r.vqa_fraction}: captions only)")
+    p.add_argument("--save-every", type=int, default=r.save_every, help="steps between resumable checkpoints")
+    p.add_argument("--eval-every", type=int, default=r.eval_every, help="steps between held-out evaluations")
+    p.add_argument("--tiny", action="store_true", help="a unit-test-sized model (seconds, learns little)")
+    p.add_argument("--chunk-minutes", type=float, default=None,
+                   help="stop after this many minutes, saving state (continue with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.set_defaults(run=_train_vlm)
+
+
+def _train_vlm(args: argparse.Namespace) -> int:
+    import torch
+
+    from lavender.world.vlm import TINY, Recipe, WorldVLMConfig, train_vlm
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise SystemExit(f"lavender world train-vlm: --steps and --batch-size must be >= 1, got "
+                         f"{args.steps} and {args.batch_size}")
+    if not 0 <= args.vqa_fraction <= 1:
+        raise SystemExit(f"lavender world train-vlm: --vqa-fraction must be in [0, 1], got {args.vqa_fraction}")
+    torch.set_num_threads(args.threads)
+    recipe = Recipe(arch=args.arch, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    vqa_fraction=args.vqa_fraction, save_every=args.save_every, eval_every=args.eval_every,
+                    model=TINY if args.tiny else WorldVLMConfig())
+    result = train_vlm(args.out, recipe, resume=args.resume, max_minutes=args.chunk_minutes)
+    return 0 if result.get("step", 0) > 0 else 1

@@ -87,13 +87,13 @@ class DiffusionModel:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                       feature_extractor=None)
+                                                       feature_extractor=None, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.unet = pipe.unet.to(self.device, dtype).eval().requires_grad_(False)
-        self.vae = pipe.vae.to(self.device, dtype).eval().requires_grad_(False)
-        self.text_encoder = pipe.text_encoder.to(self.device, dtype).eval().requires_grad_(False)
+        self.unet = pipe.unet.to(self.device).eval().requires_grad_(False)
+        self.vae = pipe.vae.to(self.device).eval().requires_grad_(False)
+        self.text_encoder = pipe.text_encoder.to(self.device).eval().requires_grad_(False)
         self.tokenizer = pipe.tokenizer
         self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
         self.vae_scale = pipe.vae_scale_factor
@@ -325,7 +325,9 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
             stats["recon_mse_sum"] += mse * len(batch)
             for (rec, _), res in zip(batch, results):
                 if not res["words"]:
-                    fail(rec.index, rec.id, "the text has no words inside the DM's 77-token window")
+                    text = dm_text(rec, cfg.qa_text)
+                    where = "inside the DM's 77-token window" if res["truncated"] else "(only punctuation/spaces)"
+                    fail(rec.index, rec.id, f"the DM text {text[:40]!r} has no words {where}; fix the text")
                     continue
                 if res["truncated"]:
                     stats["truncated"] += 1

@@ -4,7 +4,7 @@ Used by tests and benchmarks so Stage 1 runs through the real diffusers code pat
 The layout mirrors SD-1.x at a miniature scale:
 
 - images are 64×64 px; the VAE downsamples by 2, so the latent is 4×32×32;
-- the UNet has two ``CrossAttn`` down blocks and two ``CrossAttn`` up blocks, so cross-attention
+- the UNet (widths 16/32, 2 heads) has two ``CrossAttn`` down blocks and two ``CrossAttn`` up blocks, so cross-attention
   (``attn2``) exists at two resolutions, **32×32 and 16×16 attention maps** (the mid block is also at
   16×16) — the same side lengths as ``--resolutions``' default (16 and 32), which for SD-1.x at 512 px
   are the 32×32 and 16×16 levels of its 64/32/16/8 pyramid;
@@ -84,11 +84,15 @@ def make_tokenizer(out: str | Path):
     return tok
 
 
-def make_tiny_dm(out: str | Path, seed: int = 0) -> Path:
+def make_tiny_dm(out: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
     """Build the tiny pipeline with weights from ``seed`` and ``save_pretrained`` it to ``out``.
 
     Loadable with ``StableDiffusionPipeline.from_pretrained(out)``, exactly like a hub checkpoint.
+    ``image_size`` (a multiple of 4) sets the latent side (``image_size / 2``); cross-attention maps have
+    side lengths ``image_size / 2`` and ``image_size / 4`` (tests use 32 px: sides 16 and 8, 4× cheaper).
     """
+    if image_size % 4:
+        raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -97,16 +101,16 @@ def make_tiny_dm(out: str | Path, seed: int = 0) -> Path:
     tokenizer = make_tokenizer(out / "tokenizer")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
+        sample_size=image_size // 2,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=4,  # diffusers' legacy name: this is the number of heads
-        norm_num_groups=16,
+        attention_head_dim=2,  # diffusers' legacy name: this is the number of heads
+        norm_num_groups=8,
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -116,7 +120,7 @@ def make_tiny_dm(out: str | Path, seed: int = 0) -> Path:
         block_out_channels=(16, 32),
         latent_channels=4,
         norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
+        sample_size=image_size,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

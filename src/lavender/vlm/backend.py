@@ -214,13 +214,22 @@ def enable_capture(model: nn.Module, family: Any, layers: Sequence[int] | None =
     register_backend()
     base = _base_model(model)
     base.set_attn_implementation({family.text_config_name(): BACKEND_NAME})
-    capture = AttentionCapture(causal=not family.cross_attention, projector=projector)
     modules = family.attention_modules(base)
     chosen = list(family.default_layers(base) if layers is None else layers)
     missing = [i for i in chosen if i not in modules]
     if missing:
         raise ValueError(f"layers {missing} are not watchable attention layers of this {family.name} model; "
                          f"choose among {sorted(modules)}")
+    return attach_capture(modules, causal=not family.cross_attention, projector=projector)
+
+
+def attach_capture(modules: dict[int, nn.Module], causal: bool = True,
+                   projector: Projector | None = None) -> AttentionCapture:
+    """A new capture watching ``modules`` (by ``layer_idx``); their model must already run ``"lavender"``.
+
+    The family-free core of :func:`enable_capture` (benchmarks and bare text models use it).
+    """
+    capture = AttentionCapture(causal=causal, projector=projector)
     for module in modules.values():
         module._lavender_capture = capture
     return capture

@@ -51,8 +51,9 @@ class DMConfig:
     """Sizes and optimisation of the world DM (the ``train-dm`` flags override the first block)."""
 
     steps: int = 2000  # UNet + text-encoder steps
-    vae_steps: int = 300  # VAE reconstruction steps (run first)
+    vae_steps: int = 150  # VAE reconstruction steps (run first)
     batch_size: int = 16
+    vae_batch_size: int = 8  # flat-colour scenes reconstruct from few examples; the VAE is the dear part
     seed: int = 0
     lr: float = 1e-3
     vae_lr: float = 2e-3
@@ -61,7 +62,7 @@ class DMConfig:
     min_objects: int = 2
     max_objects: int = 4
     # model sizes
-    unet_channels: tuple[int, ...] = (64, 96)
+    unet_channels: tuple[int, ...] = (48, 64)
     heads: int = 2
     vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 blocks → downsample 4 → latent 16×16
     latent_channels: int = 4
@@ -100,24 +101,47 @@ def make_world_tokenizer(out: str | Path):
 
     chars = list(_bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
-    seen, merges = set(tokens), []
-    for word in (w for w in vocabulary() if w.isalpha() and len(w) > 1):
-        cur = word[0]
-        for nxt in list(word[1:-1]) + [word[-1] + "</w>"]:
-            merges.append(f"{cur} {nxt}")
-            cur += nxt
-            if cur not in seen:
-                tokens.append(cur)
-                seen.add(cur)
-    merges = list(dict.fromkeys(merges))  # shared prefixes ("re" of red/right) appear once
+    words = [w for w in vocabulary() if w.isalpha() and len(w) > 1]
+    merges: list[tuple[str, str]] = []
+    # BPE applies the lowest-ranked merge anywhere in a word, so another word's merge ("a n" of "and")
+    # can split a later word ("or|an|g|e"). Append merges that join whatever pieces BPE currently
+    # makes, and repeat until every word is one token.
+    for _ in range(10):
+        bad = [(w, p) for w in words if len(p := _bpe(w, merges)) > 1]
+        if not bad:
+            break
+        for _, pieces in bad:
+            cur = pieces[0]
+            for nxt in pieces[1:]:
+                if (cur, nxt) not in merges:
+                    merges.append((cur, nxt))
+                cur += nxt
+    else:
+        raise RuntimeError(f"could not make {[w for w, _ in bad]} single tokens")
+    for a, b in merges:
+        if a + b not in tokens:
+            tokens.append(a + b)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     tok = CLIPTokenizer.from_pretrained(out, model_max_length=77)
     tok.save_pretrained(out)
     return tok
+
+
+def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly join the adjacent pair with the lowest merge rank."""
+    rank = {m: i for i, m in enumerate(merges)}
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(rank.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        r, i = min(pairs)
+        if r == math.inf:
+            break
+        pieces[i: i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
 
 
 def build_parts(cfg: DMConfig, tokenizer) -> dict:
@@ -169,7 +193,8 @@ def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
 def _batch(cfg: DMConfig, phase: int, step: int):
     """The scenes of ``step`` in ``phase`` (0 = VAE, 1 = UNet): a pure function of (seed, phase, step)."""
     rng = np.random.default_rng([cfg.seed, phase, step])
-    return sample_batch(rng, cfg.batch_size, split="train", objects=(cfg.min_objects, cfg.max_objects))
+    n = cfg.vae_batch_size if phase == 0 else cfg.batch_size
+    return sample_batch(rng, n, split="train", objects=(cfg.min_objects, cfg.max_objects))
 
 
 def _lr(base: float, step: int, total: int, warmup: int) -> float:
@@ -212,10 +237,12 @@ class Trainer:
         self.seconds = 0.0
         self.cpu_seconds = 0.0
         if state is not None:
-            for name, mod in (("vae", self.vae), ("unet", self.unet), ("text_encoder", self.te)):
-                mod.load_state_dict(state[name])
+            self.vae.load_state_dict(state["vae"])
             self.vae_opt.load_state_dict(state["vae_opt"])
-            self.opt.load_state_dict(state["opt"])
+            if state["step"] > 0:  # before the UNet phase its parts are still the seed's initialisation
+                self.unet.load_state_dict(state["unet"])
+                self.te.load_state_dict(state["text_encoder"])
+                self.opt.load_state_dict(state["opt"])
             self.vae_step, self.step, self.log = state["vae_step"], state["step"], state["log"]
             self.seconds, self.cpu_seconds = state.get("seconds", 0.0), state.get("cpu_seconds", 0.0)
             self.vae.register_to_config(scaling_factor=state["scaling_factor"])
@@ -248,12 +275,12 @@ class Trainer:
         self.vae_step += 1
         if self.vae_step == cfg.vae_steps:
             self._set_scaling_factor()
-        return float(loss)
+        return loss.item()
 
     @torch.no_grad()
     def _set_scaling_factor(self) -> None:
         """SD's convention: scale latents to unit std (measured on 256 fixed scenes)."""
-        x = _images_to_tensor(sample_batch(np.random.default_rng([self.cfg.seed, 9]), 256).images)
+        x = _images_to_tensor(sample_batch(np.random.default_rng([self.cfg.seed, 9]), 64).images)
         std = float(self.vae.encode(x).latent_dist.mean.std())
         self.vae.register_to_config(scaling_factor=1.0 / std)
 
@@ -277,10 +304,11 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.te.parameters()), 1.0)
         self.opt.step()
         self.step += 1
-        return float(loss)
+        return loss.item()
 
-    def run(self, minutes: float | None = None, progress: bool = True) -> bool:
-        """Train until done or ``minutes`` have passed; save state and pipeline; return ``done``."""
+    def run(self, minutes: float | None = None, progress: bool = True, max_steps: int | None = None) -> bool:
+        """Train until done, ``minutes`` have passed or ``max_steps`` steps were made (either phase);
+        save state and pipeline; return ``done``."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -290,8 +318,10 @@ class Trainer:
         bar = tqdm(total=total, initial=min(self.vae_step, cfg.vae_steps) + min(self.step, cfg.steps),
                    disable=not progress, desc="train-dm", unit="step")
         recent: list[float] = []
+        made = 0
         try:
-            while not self.done and time.perf_counter() < deadline:
+            while not self.done and time.perf_counter() < deadline and (max_steps is None or made < max_steps):
+                made += 1
                 vae_phase = self.vae_step < cfg.vae_steps
                 for m, on in ((self.vae, vae_phase), (self.unet, not vae_phase), (self.te, not vae_phase)):
                     m.train(on)
@@ -407,89 +437,119 @@ def _layer_name(key: str) -> str:
     return key.replace(".processor", "").replace("transformer_blocks.0.", "").replace("attentions.", "a")
 
 
+class LayerMaps:
+    """Stage 1's ``ddim`` recipe on a DM, keeping every cross-attention layer's maps apart.
+
+    Uses Stage 1's own model wrapper, framing, tokenisation, DDIM recipe, capture processor and word
+    merging (``lavender.diffusion.extract``); only the accumulation is per layer. ``groups`` are the
+    single layers (by short name), ``res<side>`` (the mean of that resolution's layers: what
+    ``--resolutions <side>`` averages) and ``all`` (every layer: ``--resolutions`` = all sides).
+    """
+
+    def __init__(self, dm: str | Path, steps: int = 10, inversion_steps: int = 5, map_size: int = 32):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        from lavender.diffusion.capture import CaptureCrossAttnProcessor, cross_attention_sides
+        from lavender.diffusion.extract import DiffusionModel
+
+        self.model = DiffusionModel(str(dm))
+        self.steps, self.inversion_steps, self.map_size = steps, inversion_steps, map_size
+        self.sides = {k: s for k, s in cross_attention_sides(self.model.unet, self.model.latent_side).items()
+                      if s > 0}
+        self.store = _LayerStore()
+        unet = self.model.unet
+        unet.set_attn_processor({k: CaptureCrossAttnProcessor(_LayerStore.View(self.store, k), self.sides[k])
+                                 if k in self.sides else AttnProcessor2_0() for k in unet.attn_processors})
+        with torch.inference_mode():
+            self.null = self.model.encode_text(self.model.tokenize([""])["input_ids"])  # (1, 77, D)
+        self.groups = {_layer_name(k): [k] for k in self.sides}
+        for side in sorted(set(self.sides.values()), reverse=True):
+            self.groups[f"res{side}"] = [k for k in self.sides if self.sides[k] == side]
+        self.groups["all"] = list(self.sides)
+
+    def word_maps(self, images: np.ndarray, captions: list[str]) -> dict[str, list[dict]]:
+        """Raw (``normalize="none"``) word maps per group: ``{group: [{(start, end): (S, S) map}, ...]}``.
+
+        ``images`` (n, H, W, 3) uint8; one dict per caption, keyed by the word's character offsets.
+        """
+        from PIL import Image
+
+        from lavender.diffusion.extract import frame_image, to_pixels, word_maps
+        from lavender.diffusion.inversion import run_ddim
+
+        m, n, size = self.model, len(captions), self.map_size
+        pixels = to_pixels([frame_image(Image.fromarray(im), m.image_size, "squash") for im in images])
+        enc = m.tokenize(captions)
+        x0 = m.encode_images(pixels)
+        cond = m.encode_text(enc["input_ids"])
+        self.store.reset(n)
+        run_ddim(m.eps, x0, cond, self.null.expand(n, -1, -1), m.schedule, self.store, self.steps,
+                 self.inversion_steps, 1.0)
+        layer = {}
+        for k, side in self.sides.items():
+            # (n, side², 77) sum over steps → (n, 77, side, side) mean → (n, 77, size, size)
+            t = (self.store.sums[k] / self.store.counts[k]).transpose(1, 2).reshape(n, -1, side, side)
+            layer[k] = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                                     antialias=side > size)
+        out: dict[str, list[dict]] = {}
+        for g, keys in self.groups.items():
+            token_maps = torch.stack([layer[k] for k in keys]).mean(0)  # (n, 77, S, S)
+            out[g] = []
+            for j, cap in enumerate(captions):
+                offsets = [tuple(o) for o in enc["offset_mapping"][j].tolist()]
+                special = [bool(x) for x in enc["special_tokens_mask"][j].tolist()]
+                _, offs, maps, _ = word_maps(cap, offsets, special, token_maps[j], "none")
+                out[g].append(dict(zip(offs, maps)))
+        return out
+
+
 def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test", steps: int = 10,
              inversion_steps: int = 5, batch_size: int = 10, map_size: int = 32, threshold: float = 0.5,
              progress: bool = True) -> dict:
     """Localisation of the DM's Stage-1 ``ddim`` maps on ``n`` held-out scenes, per layer and resolution.
 
-    Uses Stage 1's own model wrapper, framing, tokenisation, DDIM recipe, capture processor and word
-    merging (``lavender.diffusion.extract``); only the accumulation is per layer. Per-resolution maps are
-    the mean of that resolution's layers and "all" the mean of every layer — what
-    ``--resolutions`` averages. Each word map is compared with its object's mask (area-averaged to
-    ``map_size``): ``ratio`` = mass ratio of the raw map (mean token probability), ``ratio_minmax`` = of
-    the min–max normalised map Stage 1 stores, ``iou`` = :func:`thresholded_iou` at ``threshold``.
+    Scenes come from ``sample_batch(default_rng([seed, 77]), n, split)`` (never the training streams,
+    which are seeded ``[seed, phase, step]``). Each colour/shape word map (:class:`LayerMaps`) is
+    compared with its own object's mask, area-averaged to ``map_size``: ``ratio`` = mass ratio of the
+    raw map (mean token probability), ``ratio_minmax`` = of the min–max normalised map Stage 1 stores,
+    ``iou`` = :func:`thresholded_iou` at ``threshold``. Values are means over word occurrences.
     """
-    from PIL import Image
     from tqdm.auto import tqdm
 
-    from lavender.diffusion.capture import CaptureCrossAttnProcessor
-    from lavender.diffusion.extract import DiffusionModel, frame_image, to_pixels, word_maps
-    from lavender.diffusion.inversion import run_ddim
-
-    model = DiffusionModel(str(dm))
-    from lavender.diffusion.capture import cross_attention_sides
-    sides = {k: s for k, s in cross_attention_sides(model.unet, model.latent_side).items() if s > 0}
-    store = _LayerStore()
-    from diffusers.models.attention_processor import AttnProcessor2_0
-    model.unet.set_attn_processor({k: CaptureCrossAttnProcessor(_LayerStore.View(store, k), sides[k])
-                                   if k in sides else AttnProcessor2_0() for k in model.unet.attn_processors})
-    with torch.inference_mode():
-        null = model.encode_text(model.tokenize([""])["input_ids"])
-    groups = {_layer_name(k): [k] for k in sides}
-    for s in sorted(set(sides.values()), reverse=True):
-        groups[f"res{s}"] = [k for k in sides if sides[k] == s]
-    groups["all"] = list(sides)
-    # per group and word kind: lists of (ratio, ratio_minmax, iou)
-    acc: dict[str, dict[str, list[tuple[float, float, float]]]] = {g: {k: [] for k in WORD_KINDS} for g in groups}
-    rng = np.random.default_rng([seed, 77])
-    batch = sample_batch(rng, n, split=split)
+    lm = LayerMaps(dm, steps, inversion_steps, map_size)
+    acc: dict[str, dict[str, list[tuple[float, float, float]]]] = {g: {k: [] for k in WORD_KINDS}
+                                                                    for g in lm.groups}
+    batch = sample_batch(np.random.default_rng([seed, 77]), n, split=split)
     bar = tqdm(total=n, disable=not progress, desc="score-dm", unit="img")
     for i in range(0, n, batch_size):
-        imgs = batch.images[i: i + batch_size]
-        caps = batch.captions[i: i + batch_size]
-        gts = batch.word_masks[i: i + batch_size]
-        pixels = to_pixels([frame_image(Image.fromarray(im), model.image_size, "squash") for im in imgs])
-        enc = model.tokenize(caps)
-        x0 = model.encode_images(pixels)
-        cond = model.encode_text(enc["input_ids"])
-        store.reset(len(caps))
-        run_ddim(model.eps, x0, cond, null.expand(len(caps), -1, -1), model.schedule, store, steps,
-                 inversion_steps, 1.0)
-        # per layer: (b, side², 77) sums → (b, 77, map_size, map_size) means over steps
-        layer_maps = {}
-        for k, s in sides.items():
-            m = (store.sums[k] / store.counts[k]).transpose(1, 2).reshape(len(caps), -1, s, s)
-            layer_maps[k] = F.interpolate(m, size=(map_size, map_size), mode="bilinear", align_corners=False,
-                                          antialias=s > map_size)
-        for g, keys in groups.items():
-            token_maps = torch.stack([layer_maps[k] for k in keys]).mean(0)  # (b, 77, S, S)
-            for j, (cap, gt) in enumerate(zip(caps, gts)):
-                offsets = [tuple(o) for o in enc["offset_mapping"][j].tolist()]
-                special = [bool(x) for x in enc["special_tokens_mask"][j].tolist()]
-                words, offs, maps, _ = word_maps(cap, offsets, special, token_maps[j], "none")
-                by_offset = dict(zip(offs, maps))
-                masks = downsample_masks(gt.masks, map_size)  # (n_words, S, S) coverage
-                for w, off, mask in zip(gt.words, gt.offsets, masks):
-                    kind = word_kind(w)
-                    if kind is None or tuple(off) not in by_offset:
+        caps, gts = batch.captions[i: i + batch_size], batch.word_masks[i: i + batch_size]
+        maps = lm.word_maps(batch.images[i: i + batch_size], caps)
+        for j, gt in enumerate(gts):
+            masks = downsample_masks(gt.masks, map_size)  # (n_words, S, S) coverage
+            for w, off, mask in zip(gt.words, gt.offsets, masks):
+                kind = word_kind(w)
+                for g in lm.groups:
+                    a = maps[g][j].get(tuple(off))
+                    if kind is None or a is None:
                         continue
-                    a = by_offset[tuple(off)]
                     lo, hi = a.min(), a.max()
                     mm = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-                    acc[g][kind].append((mass_ratio(a, mask), mass_ratio(mm, mask), thresholded_iou(a, mask, threshold)))
+                    acc[g][kind].append((mass_ratio(a, mask), mass_ratio(mm, mask),
+                                         thresholded_iou(a, mask, threshold)))
         bar.update(len(caps))
     bar.close()
     table = {}
-    for g in groups:
-        row = {"sides": sorted({sides[k] for k in groups[g]}), "layers": len(groups[g])}
+    for g, keys in lm.groups.items():
+        row: dict = {"sides": sorted({lm.sides[k] for k in keys}), "layers": len(keys)}
         for kind in WORD_KINDS:
-            arr = np.array(acc[g][kind], dtype=np.float64)
+            arr = np.array(acc[g][kind], dtype=np.float64).reshape(-1, 3)
             row[kind] = {"ratio": float(np.nanmean(arr[:, 0])), "ratio_minmax": float(np.nanmean(arr[:, 1])),
                          "iou": float(np.nanmean(arr[:, 2])), "n": int(len(arr))}
         table[g] = row
-    return {"dm": str(dm), "n_scenes": n, "seed": seed, "split": split, "recipe": {"name": "ddim", "steps": steps,
-            "inversion_steps": inversion_steps}, "map_size": map_size, "threshold": threshold,
-            "layers": {_layer_name(k): k for k in sides}, "table": table}
+    return {"dm": str(dm), "n_scenes": n, "seed": seed, "split": split,
+            "recipe": {"name": "ddim", "steps": steps, "inversion_steps": inversion_steps},
+            "map_size": map_size, "threshold": threshold,
+            "layers": {_layer_name(k): k for k in lm.sides}, "table": table}
 
 
 def format_table(result: dict) -> str:

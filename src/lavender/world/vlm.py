@@ -124,7 +124,33 @@ def _build_mllama(cfg: WorldVLMConfig) -> tuple[Any, Any]:
                           image_token_index=tok.convert_tokens_to_ids("<|image|>"))
     image_processor = MllamaImageProcessorPil(size={"height": tile, "width": tile}, max_image_tiles=4)
     processor = MllamaProcessor(image_processor, tok, chat_template=tok.chat_template)
-    return MllamaForConditionalGeneration(config), processor
+    model = MllamaForConditionalGeneration(config)
+    open_gates(model)
+    return model, processor
+
+
+GATE_INIT = 1.0  # tanh(1) ≈ 0.76: the image pathway is mostly open from step 0
+
+
+@torch.no_grad()
+def open_gates(model: Any, value: float = GATE_INIT) -> list[str]:
+    """Set Mllama's scalar tanh gates (cross-attention, tile embeddings, global vision layers) to ``value``.
+
+    Llama-3.2-Vision initialises them at 0 because it grafts vision onto a TRAINED language model
+    that must be unchanged at step 0. Trained from scratch there is nothing to protect, and closed
+    gates starve the image pathway: with them at 0, after 250 steps the cross-attention gates were
+    still ≈ 0.02–0.06 and held-out caption token accuracy sat at 0.72 (the blind model's plateau);
+    the tile-embedding gates at 0 also hide WHICH of the 2×2 tiles a patch is in. Returns the names set.
+    """
+    names = []
+    for name, p in model.named_parameters():
+        if p.numel() == 1 and name.rsplit(".", 1)[-1] in ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate",
+                                                          "cross_attn_mlp_gate"):
+            if name.endswith("gated_positional_embedding.gate"):
+                continue  # (1 - tanh(gate)) weighs the per-patch positions: keep them fully on
+            p.fill_(value)
+            names.append(name)
+    return names
 
 
 def _build_llava(cfg: WorldVLMConfig) -> tuple[Any, Any]:
@@ -230,7 +256,7 @@ class Recipe:
 
     arch: str = "mllama"
     seed: int = 0
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 50

@@ -1,0 +1,185 @@
+"""`lavender extract` / `inspect` / `tiny-dm` end to end on the tiny DM, in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _stage1_fixtures import TEST_RESOLUTIONS, tiny_dm_path, write_images_and_records
+from PIL import Image
+
+from lavender.attnstore import AttentionStore
+from lavender.cli import main
+
+FAST = ["--steps", "2", "--inversion-steps", "1", "--map-size", "16", "--no-progress", *TEST_RESOLUTIONS]
+
+
+def _extract(data, out, *extra):
+    return main(["extract", "--dm", tiny_dm_path(), "--data", str(data), "--out", str(out), *FAST, *extra])
+
+
+def _all_maps(root) -> dict:
+    store = AttentionStore(root)
+    return {id: (ex["words"], ex["offsets"], ex["maps"].astype(np.float32)) for id, ex in store}
+
+
+def _assert_same(a: dict, b: dict, atol: float = 1e-3) -> None:
+    """Same ids, words, offsets; maps equal up to float16 storage (one ulp below 1 is 4.9e-4: different
+    batch compositions move fp32 values by ~1e-6, which can flip a rounding)."""
+    assert sorted(a) == sorted(b)
+    for id in a:
+        assert a[id][0] == b[id][0] and a[id][1] == b[id][1]
+        np.testing.assert_allclose(a[id][2], b[id][2], atol=atol)
+
+
+def test_tiny_dm_command(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    assert main(["tiny-dm", str(tmp_path / "dm"), "--image-size", "32"]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "dm")
+    assert pipe.unet.config.sample_size == 16 and "tiny Stable Diffusion" in capsys.readouterr().out
+
+
+def test_bad_record_corpus_never_stops_the_run(tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    Image.new("L", (40, 30), 90).save(d / "grey.png")
+    rgba = Image.new("RGBA", (36, 36), (255, 0, 0, 0))
+    rgba.putpixel((3, 3), (0, 255, 0, 255))
+    rgba.save(d / "rgba.png")
+    Image.fromarray(np.linspace(0, 65535, 40 * 40).reshape(40, 40).astype(np.uint16)).save(d / "deep.png")
+    Image.new("RGB", (1200, 20), (9, 9, 9)).save(d / "huge.png")
+    Image.new("RGB", (5, 40)).save(d / "tiny.png")
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows = [
+        {"id": "grey", "image": "grey.png", "caption": "a grey field"},
+        {"id": "rgba", "image": "rgba.png", "caption": "a green dot"},
+        {"id": "deep", "image": "deep.png", "caption": "a gradient"},
+        {"id": "huge", "image": "huge.png", "caption": "a very wide strip"},
+        {"id": "tiny", "image": "tiny.png", "caption": "too small"},
+        {"id": "corrupt", "image": "corrupt.jpg", "caption": "broken"},
+        {"id": "missing", "image": "nowhere.png", "caption": "gone"},
+        {"id": "empty", "image": "grey.png", "caption": ""},
+        {"id": "punct", "image": "grey.png", "caption": "?!"},
+    ]
+    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken json\n")
+    out = tmp_path / "attn"
+    assert _extract(d / "records.jsonl", out, "--batch-size", "3") == 0
+    text = capsys.readouterr().out
+    assert "4 done, 0 skipped" in text and "6 failed" in text
+    store = AttentionStore(out)
+    assert sorted(store.ids()) == ["deep", "grey", "huge", "rgba"]
+    reasons = {e["id"]: e["reason"] for e in store.errors()}
+    assert "5×40 px" in reasons["tiny"] and "unreadable or corrupt" in reasons["corrupt"]
+    assert "not found next to records.jsonl" in reasons["missing"] and "empty text" in reasons["empty"]
+    assert "no words" in reasons["punct"] and "not valid JSON" in reasons[None]
+    assert store.get("huge")["extra"]["image_size"] == [1200, 20]
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["examples"], report["words"], report["errors"], report["map_shape"]) == (4, 12, 6, [16, 16])
+    assert report["manifest"]["recipe"] == {"name": "ddim", "steps": 2, "inversion_steps": 1, "guidance": 1.0}
+    assert report["manifest"]["frame"] == {"mode": "squash"} and report["manifest"]["normalization"] == "minmax"
+    assert report["manifest"]["counts"]["examples"] == 4
+
+    # --strict: the first bad record stops the run with exit 1 and names it (schema and path problems are
+    # found by the first pass over the file, before any image is decoded)
+    assert _extract(d / "records.jsonl", tmp_path / "strict", "--strict") == 1
+    assert "record 6 (id 'missing'): image 'nowhere.png' not found" in capsys.readouterr().err
+    assert len(AttentionStore(tmp_path / "strict")) == 0
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
+    data = write_images_and_records(tmp_path / "data", 5)
+    assert _extract(data, tmp_path / "full", "--batch-size", "2") == 0
+    full = _all_maps(tmp_path / "full")
+
+    # kill the run while it writes its second shard: os.replace never happens, a .tmp file is left
+    import lavender.attnstore as attnstore
+
+    real_replace, calls = os.replace, []
+
+    def dying_replace(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(".safetensors") and len([c for c in calls if str(c).endswith(".safetensors")]) >= 2:
+            raise KeyboardInterrupt("SIGKILL stand-in")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(attnstore.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(data, tmp_path / "part", "--batch-size", "2", "--shard-size", "1")
+    monkeypatch.setattr(attnstore.os, "replace", real_replace)
+    assert len(AttentionStore(tmp_path / "part")) == 1  # one complete shard survived, nothing torn
+    assert list((tmp_path / "part" / "shards").glob(".*.tmp-*"))
+
+    assert _extract(data, tmp_path / "part", "--batch-size", "2", "--shard-size", "1") == 0
+    _assert_same(_all_maps(tmp_path / "part"), full)
+    assert not list((tmp_path / "part" / "shards").glob(".*.tmp-*"))
+    # a third run skips everything and duplicates nothing
+    assert _extract(data, tmp_path / "part", "--batch-size", "2", "--shard-size", "1", "--json") == 0
+    assert len(AttentionStore(tmp_path / "part")) == 5
+    # other arguments would mix incompatible maps: refused
+    assert _extract(data, tmp_path / "part", "--frame", "pad") == 2
+
+
+def test_frames_are_recorded_and_change_maps(tmp_path):
+    data = write_images_and_records(tmp_path / "data", 1)
+    maps = {}
+    for frame in ("squash", "pad", "center-crop"):
+        assert _extract(data, tmp_path / frame, "--frame", frame) == 0
+        store = AttentionStore(tmp_path / frame)
+        assert store.manifest["frame"]["mode"] == frame
+        maps[frame] = store.get("img_000")["maps"]
+    assert AttentionStore(tmp_path / "pad").manifest["frame"] == {"mode": "pad", "fill": [0, 0, 0],
+                                                                   "anchor": "center"}
+    assert not np.allclose(maps["squash"], maps["pad"]) and not np.allclose(maps["squash"], maps["center-crop"])
+
+
+def test_frame_geometry():
+    from lavender.diffusion.extract import frame_image
+
+    img = Image.new("RGB", (40, 20), (255, 255, 255))
+    pad = np.asarray(frame_image(img, 32, "pad"))
+    assert pad.shape == (32, 32, 3) and pad[0, 0].sum() == 0 and pad[16, 16].sum() == 765 and pad[-1, 16].sum() == 0
+    crop = np.asarray(frame_image(img, 32, "center-crop"))
+    assert crop.shape == (32, 32, 3) and crop.min() == 255
+
+
+def test_nulltext_recipe_runs(tmp_path, capsys):
+    data = write_images_and_records(tmp_path / "data", 2)
+    assert _extract(data, tmp_path / "nt", "--recipe", "nulltext", "--inner-steps", "1", "--batch-size", "2",
+                    "--json") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # per image: 2 inversion + 2 steps × (1 cond + 1 inner uncond + 1 final uncond) = 8 forward evaluations
+    assert summary["unet_evals_per_image"] == 8 and summary["done"] == 2
+    assert AttentionStore(tmp_path / "nt").manifest["recipe"] == {"name": "nulltext", "steps": 2,
+                                                                 "inner_steps": 1, "guidance": 7.5}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    data = write_images_and_records(tmp_path / "data", 5)
+    assert _extract(data, tmp_path / "one", "--batch-size", "2") == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "lavender", "extract", "--dm", tiny_dm_path(),
+           "--data", str(data), "--out", str(tmp_path / "two"), "--batch-size", "2", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = sorted(p.name for p in Path(tmp_path / "two" / "shards").iterdir())
+    assert names == ["r000-00000.safetensors", "r001-00000.safetensors"]
+    assert "5 done" in res.stdout
+    _assert_same(_all_maps(tmp_path / "two"), _all_maps(tmp_path / "one"))
