@@ -274,7 +274,9 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    # accelerate only treats a multi-process launch without an accelerator as MULTI_CPU (gloo) when told cpu=True
+    on_cpu = (cfg.device or "").startswith("cpu") or not torch.accelerator.is_available()
+    state = PartialState(cpu=on_cpu)
     rank, world = state.process_index, state.num_processes
     device = cfg.device or ("cpu" if state.device.type == "mps" else str(state.device))
     ext = Extractor(cfg, device)
