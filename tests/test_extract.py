@@ -172,7 +172,9 @@ def _free_port() -> int:
 def test_two_processes_equal_one(tmp_path):
     data = write_images_and_records(tmp_path / "data", 5)
     assert _extract(data, tmp_path / "one", "--batch-size", "2") == 0
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # accelerate 1.15: `launch --cpu --num_processes 2` starts ONE process (its CPU multi-process path is
+    # mpirun); `--multi_gpu` spawns through torch.distributed.run, and extract picks gloo on a CPU machine
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "lavender", "extract", "--dm", tiny_dm_path(),
            "--data", str(data), "--out", str(tmp_path / "two"), "--batch-size", "2", *FAST]

@@ -53,7 +53,7 @@ class LavenderArguments(TrainingArguments):
         resume, strict
 
     Changed defaults: ``output_dir`` is required (``--out``), ``remove_unused_columns=False`` (the
-    collator needs the whole record), ``logging_steps=1``, ``save_total_limit=2``,
+    collator needs the whole record), ``logging_steps=1``, ``save_total_limit=2``, ``dataloader_pin_memory=False``,
     ``save_strategy="steps"`` with ``save_steps=100``, ``learning_rate=1e-4`` (paper, Sec. 8),
     ``lr_scheduler_type="constant"``.
     """
@@ -102,6 +102,7 @@ class LavenderArguments(TrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (paper: 1e-4)"})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name"})
     save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept in RUN_DIR"})
+    dataloader_pin_memory: bool = field(default=False, metadata={"help": "pin host memory (GPU runs: true)"})
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -407,7 +408,10 @@ def build_trainer(args: LavenderArguments) -> LavenderTrainer:
     from lavender.vlm.aggregate import LearnedProjections
     from lavender.vlm.backend import enable_capture
 
+    from transformers import set_seed
+
     log = logging.getLogger("lavender.train")
+    set_seed(args.seed)  # LoRA and the Aligner are initialised before the Trainer seeds anything
     dataset = RecordDataset(args.data, args.images_root, strict=args.strict)
     for err in dataset.errors:
         log.warning("skipped %s", err)
