@@ -403,12 +403,12 @@ def build_trainer(args: LavenderArguments) -> LavenderTrainer:
     """Model (+LoRA), head, capture, collator and trainer from ``args``, ready to ``train()``."""
     import logging
 
+    from transformers import set_seed
+
     from lavender.aligner import Aligner
     from lavender.data_collator import LavenderCollator
     from lavender.vlm.aggregate import LearnedProjections
     from lavender.vlm.backend import enable_capture
-
-    from transformers import set_seed
 
     log = logging.getLogger("lavender.train")
     set_seed(args.seed)  # LoRA and the Aligner are initialised before the Trainer seeds anything
