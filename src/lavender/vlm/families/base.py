@@ -59,13 +59,18 @@ class Family(ABC):
     lora_target_regex: str = ""
 
     # --- modules -----------------------------------------------------------------------------
-    @abstractmethod
+    #: regex (``re.fullmatch`` on module names, group 1 = layer number) of the watchable attention
+    #: modules of the language model.
+    attention_pattern: str = ""
+
     def attention_modules(self, model: nn.Module) -> dict[int, nn.Module]:
         """All watchable attention modules of the language model, keyed by their ``layer_idx``."""
+        return modules_by_layer(model, self.attention_pattern)
 
-    @abstractmethod
     def default_layers(self, model: nn.Module) -> list[int]:
-        """The layer indices watched when the user does not choose (documented per family)."""
+        """The layers watched when the user does not choose: about 1/5 of the layers, mid-stack
+        (:func:`middle_layers`); cross-attention families override it (Mllama: all of them)."""
+        return middle_layers(len(self.attention_modules(model)))
 
     def text_config_name(self) -> str:
         """Name of the text sub-config whose attention implementation the capture backend replaces."""

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import SmolVLMProcessor
 
 from lavender.vlm.families._tokens import image_token_positions
@@ -35,8 +34,6 @@ from lavender.vlm.families.base import (
     Family,
     ImageGrid,
     image_token_id,
-    middle_layers,
-    modules_by_layer,
     register_family,
 )
 from lavender.vlm.tiny import load_image_only_processor
@@ -85,12 +82,7 @@ class Idefics3Family(Family):
     model_types = ("idefics3", "smolvlm")
     cross_attention = False
     lora_target_regex = r".*text_model.*\.(q|k|v|o)_proj"
-
-    def attention_modules(self, model: nn.Module) -> dict[int, nn.Module]:
-        return modules_by_layer(model, r"(?:.*\.)?text_model\.layers\.(\d+)\.self_attn")
-
-    def default_layers(self, model: nn.Module) -> list[int]:
-        return middle_layers(len(self.attention_modules(model)))
+    attention_pattern = r"(?:.*\.)?text_model\.layers\.(\d+)\.self_attn"
 
     def image_grids(self, inputs: Any, image_sizes: Sequence[Sequence[tuple[int, int]]],
                     config: Any = None, processor: Any = None) -> list[ImageGrid]:

@@ -18,15 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
-
 from lavender.vlm.families._tokens import image_token_positions
 from lavender.vlm.families.base import (
     Family,
     ImageGrid,
     image_token_id,
-    middle_layers,
-    modules_by_layer,
     register_family,
 )
 
@@ -51,12 +47,7 @@ class LlavaFamily(Family):
     model_types = ("llava",)
     cross_attention = False
     lora_target_regex = r".*language_model.*\.(q|k|v|o)_proj"
-
-    def attention_modules(self, model: nn.Module) -> dict[int, nn.Module]:
-        return modules_by_layer(model, r"(?:.*\.)?language_model\.layers\.(\d+)\.self_attn")
-
-    def default_layers(self, model: nn.Module) -> list[int]:
-        return middle_layers(len(self.attention_modules(model)))
+    attention_pattern = r"(?:.*\.)?language_model\.layers\.(\d+)\.self_attn"
 
     def image_grids(self, inputs: Any, image_sizes: Sequence[Sequence[tuple[int, int]]],
                     config: Any = None, processor: Any = None) -> list[ImageGrid]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lavender.vlm.families.base import Family, ImageGrid, image_token_id, modules_by_layer, register_family
+from lavender.vlm.families.base import Family, ImageGrid, image_token_id, register_family
 
 #: (rows, cols) of tiles for aspect-ratio id k ≥ 1 (index k - 1), for max 4 tiles; 0 = no image.
 #: Same order as transformers' ``get_all_supported_aspect_ratios(4)`` (first element = tile rows).
@@ -35,9 +35,7 @@ class MllamaFamily(Family):
     model_types = ("mllama",)
     cross_attention = True
     lora_target_regex = r".*language_model\.layers\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)_proj"
-
-    def attention_modules(self, model: nn.Module) -> dict[int, nn.Module]:
-        return modules_by_layer(model, r"(?:.*\.)?language_model\.layers\.(\d+)\.cross_attn")
+    attention_pattern = r"(?:.*\.)?language_model\.layers\.(\d+)\.cross_attn"
 
     def default_layers(self, model: nn.Module) -> list[int]:
         return sorted(self.attention_modules(model))
