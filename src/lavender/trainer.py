@@ -150,14 +150,14 @@ class LavenderHead(nn.Module):
         return sum((p.sum() for p in self.parameters()), torch.zeros(())) * 0.0
 
 
-def save_head(head: LavenderHead, out_dir: str) -> None:
+def save_head(state: dict[str, torch.Tensor], config: dict, out_dir: str) -> None:
+    """Write the head's weights (``lavender_head.safetensors``) and config beside an adapter."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(state, os.path.join(out_dir, HEAD_WEIGHTS))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, HEAD_WEIGHTS))
     with open(os.path.join(out_dir, HEAD_CONFIG), "w") as f:
-        json.dump(head.config, f, indent=2)
+        json.dump(config, f, indent=2)
 
 
 def load_head_state(head: LavenderHead, run_dir: str) -> bool:
@@ -306,14 +306,17 @@ class LavenderTrainer(Trainer):
     # --- saving and resuming the head -------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
+        head_state = None
         if self.head is not None:
-            # keep the saved model/adapter plain: the head goes to its own file
+            # keep the saved model/adapter plain: the head goes to its own file. Take it from the
+            # state dict the Trainer gathered (FSDP/DeepSpeed pass a full one), not from the module.
             if state_dict is None:
                 state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-            state_dict = {k: v for k, v in state_dict.items() if ".lavender_head." not in f".{k}"}
+            head_state = {k.split("lavender_head.", 1)[1]: v for k, v in state_dict.items() if "lavender_head." in k}
+            state_dict = {k: v for k, v in state_dict.items() if "lavender_head." not in k}
         super()._save(output_dir, state_dict=state_dict)
-        if self.head is not None and self.args.should_save:
-            save_head(self.head, output_dir)
+        if head_state is not None and self.args.should_save:
+            save_head(head_state, self.head.config, output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
