@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 # The tests' DM: 32 px images, so cross-attention maps have sides 16 and 8 (4× cheaper than the 64 px
 # default of `lavender tiny-dm`, whose sides 32 and 16 match --resolutions' default).
 TEST_IMAGE_SIZE = 32

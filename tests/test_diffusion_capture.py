@@ -151,7 +151,7 @@ def test_batch_invariance(tmp_path):
     recs = [Record(id=f"r{i}", index=i, images=[], caption=["a red dog", "two blue squares", "a cat", "e.g. x"][i])
             for i in range(4)]
     cfg = ExtractConfig(dm=tiny_dm_path(), data="-", out="-", resolutions=[8, 16], map_size=16, batch_size=4,
-                        steps=3, inversion_steps=2, guidance=3.0)
+                        steps=2, inversion_steps=1, guidance=3.0)  # guidance > 1: [uncond, cond] batches
     ext = Extractor(cfg)
     batch, _ = ext.extract_batch(recs, images)
     alone, _ = ext.extract_batch(recs[2:3], images[2:3])

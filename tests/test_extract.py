@@ -92,11 +92,11 @@ def test_bad_record_corpus_never_stops_the_run(tmp_path, capsys):
     # found by the first pass over the file, before any image is decoded)
     assert _extract(d / "records.jsonl", tmp_path / "strict", "--strict") == 1
     assert "record 6 (id 'missing'): image 'nowhere.png' not found" in capsys.readouterr().err
-    assert len(AttentionStore(tmp_path / "strict")) == 0
+    assert not (tmp_path / "strict").exists()  # stopped before loading the model or writing anything
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
-    data = write_images_and_records(tmp_path / "data", 5)
+    data = write_images_and_records(tmp_path / "data", 4)
     assert _extract(data, tmp_path / "full", "--batch-size", "2") == 0
     full = _all_maps(tmp_path / "full")
 
@@ -123,22 +123,34 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     assert not list((tmp_path / "part" / "shards").glob(".*.tmp-*"))
     # a third run skips everything and duplicates nothing
     assert _extract(data, tmp_path / "part", "--batch-size", "2", "--shard-size", "1", "--json") == 0
-    assert len(AttentionStore(tmp_path / "part")) == 5
+    assert len(AttentionStore(tmp_path / "part")) == 4
     # other arguments would mix incompatible maps: refused
     assert _extract(data, tmp_path / "part", "--frame", "pad") == 2
 
 
 def test_frames_are_recorded_and_change_maps(tmp_path):
     data = write_images_and_records(tmp_path / "data", 1)
+    assert _extract(data, tmp_path / "pad", "--frame", "pad") == 0
+    store = AttentionStore(tmp_path / "pad")
+    assert store.manifest["frame"] == {"mode": "pad", "fill": [0, 0, 0], "anchor": "center"}
+    # the other frames through the same extractor (one model load): the maps depend on the frame
+    from lavender.diffusion.extract import ExtractConfig, Extractor
+    from lavender.records import load_image, read_records
+
+    cfg = ExtractConfig(dm=tiny_dm_path(), data=str(data), out="-", steps=2, inversion_steps=1, map_size=16,
+                        resolutions=[8, 16], frame="pad")
+    ext = Extractor(cfg)
+    rec = read_records(data)[0]
+    img = load_image(rec.images[0])
     maps = {}
-    for frame in ("squash", "pad", "center-crop"):
-        assert _extract(data, tmp_path / frame, "--frame", frame) == 0
-        store = AttentionStore(tmp_path / frame)
-        assert store.manifest["frame"]["mode"] == frame
-        maps[frame] = store.get("img_000")["maps"]
-    assert AttentionStore(tmp_path / "pad").manifest["frame"] == {"mode": "pad", "fill": [0, 0, 0],
-                                                                   "anchor": "center"}
-    assert not np.allclose(maps["squash"], maps["pad"]) and not np.allclose(maps["squash"], maps["center-crop"])
+    for frame in ("pad", "squash", "center-crop"):
+        ext.cfg.frame = frame
+        maps[frame] = ext.extract_batch([rec], [img])[0][0]["maps"]
+        if frame != "pad":
+            assert ext.manifest()["frame"] == {"mode": frame}
+    np.testing.assert_allclose(maps["pad"], store.get("img_000")["maps"], atol=1e-3)
+    assert not np.allclose(maps["squash"], maps["pad"], atol=1e-3)
+    assert not np.allclose(maps["squash"], maps["center-crop"], atol=1e-3)
 
 
 def test_frame_geometry():

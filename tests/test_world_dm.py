@@ -103,3 +103,50 @@ def test_layer_maps_resolution_groups_equal_stage1_extractor(tiny_run):
     # a word's object mask at the map's grid: the score helpers see coverage in [0, 1]
     cov = downsample_masks(batch.word_masks[0].masks, 32)
     assert cov.shape[1:] == (32, 32) and SIZE % 32 == 0 and cov.max() <= 1.0
+
+
+def test_cli_train_dm_then_score_dm(tmp_path, capsys):
+    """The recipe commands, in-process: a one-step run, --resume refusal/acceptance, and score-dm's JSON."""
+    import json
+
+    from lavender.cli import main
+
+    tiny = ["--steps", "1", "--vae-steps", "1", "--batch-size", "2", "--vae-batch-size", "2", "--unet-channels",
+            "16", "16", "--vae-channels", "8", "8", "8", "--text-width", "16", "--threads", "1"]
+    out = tmp_path / "run"
+    assert main(["world", "train-dm", "--out", str(out), *tiny]) == 0
+    assert "finished" in capsys.readouterr().out
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["done"] and info["step"] == 1 and (out / "pipeline" / "model_index.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(["world", "train-dm", "--out", str(out), *tiny])
+    assert main(["world", "train-dm", "--out", str(out), *tiny[:1], "2", *tiny[2:], "--resume"]) == 0
+    assert json.loads((out / "train_info.json").read_text())["step"] == 2
+    scores = tmp_path / "scores.json"
+    assert main(["world", "score-dm", "--dm", str(out / "pipeline"), "--n", "2", "--threads", "1",
+                 "--out", str(scores)]) == 0
+    table = json.loads(scores.read_text())["table"]
+    assert {"res16", "res8", "all"} <= set(table)
+    for row in table.values():
+        for kind in ("colour", "shape"):
+            assert row[kind]["n"] > 0 and row[kind]["ratio"] > 0 and 0 <= row[kind]["iou"] <= 1
+
+
+def test_sigterm_saves_the_chunk_and_resume_continues(tmp_path):
+    """A session ending (SIGTERM) mid-chunk still leaves a resumable state with the steps made."""
+    import os
+    import signal
+    import threading
+
+    torch.set_num_threads(1)
+    cfg = DMConfig(**{**TINY, "steps": 100_000})
+    trainer = Trainer(tmp_path, cfg)
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    with pytest.raises(SystemExit, match="--resume"):
+        trainer.run(progress=False)
+    timer.join()
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+    again = Trainer(tmp_path, cfg, resume=True)
+    assert again.vae_step == 1 and again.step == trainer.step > 0
+    assert len(again.log) == 1 + trainer.step

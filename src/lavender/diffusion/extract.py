@@ -87,7 +87,7 @@ class DiffusionModel:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                       feature_extractor=None, torch_dtype=dtype)
+                                                       feature_extractor=None, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -96,6 +96,10 @@ class DiffusionModel:
         self.text_encoder = pipe.text_encoder.to(self.device).eval().requires_grad_(False)
         self.tokenizer = pipe.tokenizer
         self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"{path}: scheduler prediction_type {self.prediction_type!r} is not supported "
+                             "(epsilon or v_prediction)")
         self.vae_scale = pipe.vae_scale_factor
         self.image_size = int(pipe.unet.config.sample_size) * self.vae_scale
         self.latent_side = int(pipe.unet.config.sample_size)
@@ -106,7 +110,11 @@ class DiffusionModel:
         """Predicted noise in float32 for float32 latents ``x`` (B, C, h, w) and text ``emb`` (B, 77, D)."""
         self.unet_calls += x.shape[0]
         tt = torch.full((x.shape[0],), max(t, 0), device=x.device, dtype=torch.long)
-        return self.unet(x.to(self.dtype), tt, emb.to(self.dtype)).sample.float()
+        out = self.unet(x.to(self.dtype), tt, emb.to(self.dtype)).sample.float()
+        if self.prediction_type == "v_prediction":  # SD-2.x 768: v = sqrt(a)·eps - sqrt(1-a)·x0  →  eps
+            a = self.schedule.alpha(max(t, 0))
+            out = a**0.5 * out + (1 - a) ** 0.5 * x
+        return out
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -279,9 +287,30 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     state = PartialState(cpu=on_cpu)
     rank, world = state.process_index, state.num_processes
     device = cfg.device or ("cpu" if state.device.type == "mps" else str(state.device))
+    # First pass over the file, before any model is loaded (so --strict fails fast): every process reads
+    # all rows (cheap) so duplicate ids are found globally, and keeps row i iff i % world == rank.
+    mine_ok: list[Record] = []
+    bad: list[tuple[int, str | None, str]] = []
+    seen: set[str] = set()
+    for i, r in enumerate(iter_records(cfg.data, cfg.images_root)):
+        if cfg.limit is not None and i >= cfg.limit:
+            break
+        mine = i % world == rank
+        if isinstance(r, RecordError):
+            if mine:
+                bad.append((r.index, r.record_id, r.reason))
+        elif r.id in seen:
+            if mine:
+                bad.append((r.index, r.id, f"duplicate id {r.id!r}; ids must be unique (maps are keyed by id)"))
+        else:
+            seen.add(r.id)
+            if mine:
+                mine_ok.append(r)
+    if cfg.strict and bad:
+        raise RecordError(*bad[0])
+
     ext = Extractor(cfg, device)
     writer = AttentionWriter(cfg.out, ext.manifest(), rank=rank, shard_size=cfg.shard_size)
-    done = writer.done_ids()
     stats = {"done": 0, "skipped": 0, "failed": 0, "truncated": 0, "words": 0, "seconds": 0.0, "unet_evals": 0,
              "recon_mse_sum": 0.0}
 
@@ -292,28 +321,11 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
             writer.close()
             raise RecordError(index, rid, reason)
 
-    # every process reads all rows (cheap) so duplicate ids are found globally; it keeps row i iff i % world == rank
-    todo: list[Record] = []
-    seen: set[str] = set()
-    for i, r in enumerate(iter_records(cfg.data, cfg.images_root)):
-        if cfg.limit is not None and i >= cfg.limit:
-            break
-        mine = i % world == rank
-        if isinstance(r, RecordError):
-            if mine:
-                fail(r.index, r.record_id, r.reason)
-            continue
-        if r.id in seen:
-            if mine:
-                fail(r.index, r.id, f"duplicate id {r.id!r}; ids must be unique (maps are keyed by id)")
-            continue
-        seen.add(r.id)
-        if not mine:
-            continue
-        if r.id in done:
-            stats["skipped"] += 1
-        else:
-            todo.append(r)
+    for b in bad:
+        fail(*b)
+    done = writer.done_ids()
+    todo = [r for r in mine_ok if r.id not in done]
+    stats["skipped"] = len(mine_ok) - len(todo)
 
     bar = tqdm(total=len(todo), disable=not progress or rank != 0, desc="extract", unit="img")
     t0 = time.perf_counter()

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,8 +52,8 @@ WORD_KINDS = ("colour", "shape")
 class DMConfig:
     """Sizes and optimisation of the world DM (the ``train-dm`` flags override the first block)."""
 
-    steps: int = 2000  # UNet + text-encoder steps
-    vae_steps: int = 150  # VAE reconstruction steps (run first)
+    steps: int = 600  # UNet + text-encoder steps (the committed checkpoint's recipe)
+    vae_steps: int = 80  # VAE reconstruction steps (run first)
     batch_size: int = 16
     vae_batch_size: int = 8  # flat-colour scenes reconstruct from few examples; the VAE is the dear part
     seed: int = 0
@@ -205,6 +207,18 @@ def _lr(base: float, step: int, total: int, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def _save_on_sigterm():
+    """Turn SIGTERM (a session ending, ``kill PID``) into SystemExit, so ``run``'s ``finally`` saves the
+    chunk's progress. Returns the previous handler (None off the main thread, where nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(f"train-dm: signal {signum}; state saved, continue with --resume")
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
 class Trainer:
     """Resumable two-phase training of the world DM in ``out`` (see the module docstring)."""
 
@@ -319,6 +333,7 @@ class Trainer:
                    disable=not progress, desc="train-dm", unit="step")
         recent: list[float] = []
         made = 0
+        previous = _save_on_sigterm()
         try:
             while not self.done and time.perf_counter() < deadline and (max_steps is None or made < max_steps):
                 made += 1
@@ -338,6 +353,8 @@ class Trainer:
             self.seconds += time.perf_counter() - t0
             self.cpu_seconds += time.process_time() - c0
             self.save()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return self.done
 
     def save(self) -> None:
