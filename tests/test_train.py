@@ -208,17 +208,20 @@ def test_two_process_cpu_training_with_accelerate(tiny_vlm, world, tmp_path) -> 
                                                                                 "accelerate")):
         pytest.skip("accelerate launcher not installed")
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # accelerate 1.15: `--cpu --num_processes 2` starts ONE process (its multi-CPU path is mpirun);
+    # `--multi_gpu` spawns 2 processes through torch.distributed.run, which use gloo on a CPU machine
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "lavender", "train", "--model", tiny_vlm("mllama"), "--data", world["data"],
            "--attention", world["attention"], "--out", str(out), "--max_steps", "2",
-           "--per_device_train_batch_size", "1", "--disable_tqdm", "true"]
+           "--per_device_train_batch_size", "1", "--disable_tqdm", "true", "--use_cpu", "true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     assert (out / "adapter_model.safetensors").exists()
+    assert json.loads((out / "lavender_run.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.parametrize("name", ["llama32_11b_lora.yaml", "llava15_7b_lora.yaml", "qwen2vl_7b_lora.yaml"])

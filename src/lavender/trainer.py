@@ -147,7 +147,8 @@ class LavenderHead(nn.Module):
 
     def zero_touch(self) -> torch.Tensor:
         """0 connected to every head parameter: keeps DDP happy on a batch where nothing matches."""
-        return sum((p.sum() for p in self.parameters()), torch.zeros(())) * 0.0
+        params = list(self.parameters())
+        return sum((p.sum() for p in params[1:]), params[0].sum()) * 0.0
 
 
 def save_head(state: dict[str, torch.Tensor], config: dict, out_dir: str) -> None:
@@ -224,6 +225,9 @@ class LavenderTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._acc: dict[str, list[float]] = {}
         self._frozen: list[nn.Parameter] = []
+        self._step: dict[str, Any] = {}
+        if head is not None:
+            self.model.register_forward_hook(self._head_hook, with_kwargs=True)
 
     # --- the loss ---------------------------------------------------------------------------------
     def current_lambda(self) -> float:
@@ -240,21 +244,40 @@ class LavenderTrainer(Trainer):
         lam = self.current_lambda()
         pretrain = self.in_aligner_pretraining()
         use_att = self.head is not None and align is not None and (lam > 0 or pretrain)
-        if use_att and align.n_matched:
+        self._step = {"align": align if use_att and align.n_matched else None, "lam": lam, "pretrain": pretrain}
+        if self._step["align"] is not None:
             self.capture.arm(align.plan)
-        outputs = model(**inputs)
-        loss_vlm = outputs.loss
-        loss_att = self.head.zero_touch().to(loss_vlm.device) if self.head is not None else loss_vlm.new_zeros(())
-        if use_att and align.n_matched:
-            pred = self.head.aligner(self.word_maps(align))  # (N, S, S)
-            target = align.targets.to(pred.device, pred.dtype)  # PITFALLS #11: moved with the batch
-            loss_att = loss_att + attention_loss(pred, target)[0]
-        loss = loss_att if pretrain else loss_vlm + lam * loss_att
+        try:
+            outputs = model(**inputs)  # with a head, outputs.loss is already L_VLM + λ·L_att (_head_hook)
+        finally:
+            parts = self._step.get("parts")
+            self._step = {}
+        loss = outputs.loss
+        loss_vlm, loss_att = parts if parts is not None else (loss.detach(), loss.new_zeros(()))
         self._record(loss_vlm=loss_vlm, loss_att=loss_att, lam=lam, align=align)
         return (loss, outputs) if return_outputs else loss
 
-    def word_maps(self, align: Any) -> torch.Tensor:
-        return word_maps(self.capture.maps, align, self.aggregation)
+    def _head_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        """Forward hook on the trained model: the attention term is added INSIDE its forward.
+
+        DDP/FSDP only synchronise parameters used within the wrapped module's ``forward`` and found
+        from its outputs; running the Aligner afterwards in ``compute_loss`` breaks DDP's reducer.
+        So the head runs here and ``output.loss`` becomes ``L_VLM + λ·L_att`` (``L_att`` alone during
+        Aligner pre-training). Every step touches every head parameter (``zero_touch``), so no rank
+        ever sees them unused.
+        """
+        step = self._step
+        if not step:  # a forward outside compute_loss (evaluation, generation): leave it alone
+            return output
+        loss_att = self.head.zero_touch().to(output.logits.device)
+        align = step["align"]
+        if align is not None:
+            pred = self.head.aligner(word_maps(self.capture.maps, align, self.aggregation))  # (N, S, S)
+            target = align.targets.to(pred.device, pred.dtype)  # PITFALLS #11: moved with the batch
+            loss_att = loss_att + attention_loss(pred, target)[0]
+        step["parts"] = (output.loss.detach(), loss_att.detach())
+        output.loss = loss_att + 0.0 * output.loss if step["pretrain"] else output.loss + step["lam"] * loss_att
+        return output
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         self._set_pretrain_freeze(self.in_aligner_pretraining())
@@ -391,9 +414,10 @@ def run_training(args: LavenderArguments) -> LavenderTrainer:
     if args.resume and resume is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, RUN_CONFIG), "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
-                  f, indent=2, default=str)
+    if args.should_save:
+        with open(os.path.join(args.output_dir, RUN_CONFIG), "w") as f:
+            run = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+            json.dump({**run, "world_size": args.world_size}, f, indent=2, default=str)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     n_bad, n_skipped = len(trainer.train_dataset.errors), len(trainer.data_collator.skipped)
