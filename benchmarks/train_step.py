@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--aggregation", default="heads", help="Lavender arm's aggregation (default: the trainer's)")
     args = p.parse_args()
 
     from lavender.trainer import LavenderArguments, build_trainer
@@ -113,6 +114,7 @@ def main() -> None:
     for name, lam in (("lambda0", 0.0), ("lavender", 10.0)):
         targs = LavenderArguments(model=str(tmp / "model"), data=str(data), attention=str(attn),
                                   output_dir=str(tmp / name), lambda_att=lam, per_device_train_batch_size=args.batch_size,
+                                  aggregation=args.aggregation,
                                   use_cpu=args.device == "cpu", report_to="none", disable_tqdm=True)
         trainer = build_trainer(targs)
         trainer.model.to(device=device, dtype=dtype)
@@ -158,7 +160,8 @@ def main() -> None:
     med = {n: statistics.median(v) for n, v in times.items()}
     n_words = int(arms["lavender"][1]["lavender"].n_matched)
     print(f"Mllama text width 4096/32 heads/8 KV, {args.layers} layers (last cross-attention), 1601 vision tokens, "
-          f"{args.text_tokens} answer words ({n_words} matched maps), batch {args.batch_size}, {args.dtype} on "
+          f"{args.text_tokens} answer words ({n_words} matched maps), aggregation {args.aggregation}, "
+          f"batch {args.batch_size}, {args.dtype} on "
           f"{args.device}, LoRA; median of {args.repeat}, arms alternating")
     for n in arms:
         print(f"  {n:9s} {med[n]:10.1f} ms   {mems[n] / 2**20:9.1f} MiB   runs {[round(x) for x in times[n]]}")

@@ -192,3 +192,26 @@ def test_evaluate_vqa_batched_matches_single_generation(trained, tmp_path):
     assert got["predictions"] == {f"q{i}": normalise_answer(t) for i, t in enumerate(truth)}
     assert got["accuracy"] == 0.5 and got["majority"] == 0.5
     assert got["per_type"] == {"count": 0.5, "colour": 0.5}
+
+
+@pytest.mark.parametrize("arch", ["mllama", "llava"])
+def test_committed_checkpoint_sees_colours(arch):
+    """The committed world VLM loads like a hub model and names the colour of one-object scenes."""
+    from pathlib import Path
+
+    from lavender.records import CAPTION_PROMPT
+    from lavender.trainer import load_vlm
+    from lavender.world.scenes import sample_batch
+    from lavender.world.vlm import generate_answers
+
+    path = Path(__file__).parents[1] / "src/lavender/world/checkpoints" / f"vlm_{arch}"
+    if not (path / "model.safetensors").exists():
+        pytest.skip(f"no committed checkpoint at {path}")
+    model, processor, family = load_vlm(str(path))
+    assert family.name == arch
+    b = sample_batch(np.random.default_rng(99), 12, split="test", objects=(1, 1))
+    convs = [[{"role": "user", "content": "<image>" + CAPTION_PROMPT}]] * 12
+    captions = generate_answers(model, processor, [Image.fromarray(im) for im in b.images], convs,
+                                max_new_tokens=5)
+    right = sum(c.split()[1:2] == t.split()[1:2] for c, t in zip(captions, b.captions))
+    assert right >= 9, list(zip(captions, b.captions))  # chance is 2 of 12

@@ -4,7 +4,7 @@
   lavender world scenes --out DIR --split train --n 5000 --seed 0 --captions caption rows
   lavender world train-dm --out DIR --steps 2000 --seed 0 [--chunk-minutes 10] [--resume]
   lavender world score-dm --dm DIR/pipeline [--n 100] [--out scores.json]
-  lavender world train-vlm --arch mllama --out DIR --steps 1200 --seed 0 [--chunk-minutes 10] [--resume]
+  lavender world train-vlm --arch mllama --out DIR --steps 800 --seed 0 [--chunk-minutes 10] [--resume]
 
 Each recipe is a sub-subcommand with one small function here; the work lives in lavender.world.
 """

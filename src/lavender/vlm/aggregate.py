@@ -92,14 +92,19 @@ def pool(maps: dict[int, torch.Tensor], aggregation: str = "mean-mean", r: torch
 
 
 def word_maps(pooled: torch.Tensor, batch: RowBatch) -> list[torch.Tensor]:
-    """Per sample, ``(n_words, C, K)``: each word's map is the mean over its rows."""
+    """Per sample, ``(n_words, C, K)``: each word's map is the mean over its rows.
+
+    Done as one matmul with a ``(n_words, R)`` averaging matrix per sample: indexing the pooled
+    tensor word by word would make autograd allocate a full-size zero gradient per word (measured:
+    half the step time of a 4096-wide model with 128 words).
+    """
     out = []
     for b, columns in enumerate(batch.word_columns):
         sample = pooled[b]  # (C, R, K)
-        if not columns:
-            out.append(sample.new_zeros(0, sample.shape[0], sample.shape[2]))
-            continue
-        out.append(torch.stack([sample[:, cols].mean(dim=1) for cols in columns]))
+        avg = sample.new_zeros(len(columns), sample.shape[1])  # (n_words, R)
+        for w, cols in enumerate(columns):
+            avg[w, cols] = 1.0 / len(cols)
+        out.append(torch.einsum("wr,crk->wck", avg, sample))
     return out
 
 

@@ -42,6 +42,9 @@ import torch.nn.functional as F
 from lavender.world.scenes import SIZE, downsample_masks, sample_batch
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints" / "dm"
+# Stage 1's --resolutions for this DM, chosen by score_dm (docs/world_dm.md): the 16×16 layers localise,
+# the 8×8 layers do not (their mean is at or below uniform), so adding 8 only dilutes the maps.
+RESOLUTIONS: tuple[int, ...] = (16,)
 STATE_FILE = "train_state.pt"
 PIPELINE_SUBDIR = "pipeline"
 WORD_KINDS = ("colour", "shape")
@@ -529,12 +532,14 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
     which are seeded ``[seed, phase, step]``). Each colour/shape word map (:class:`LayerMaps`) is
     compared with its own object's mask, area-averaged to ``map_size``: ``ratio`` = mass ratio of the
     raw map (mean token probability), ``ratio_minmax`` = of the min–max normalised map Stage 1 stores,
-    ``iou`` = :func:`thresholded_iou` at ``threshold``. Values are means over word occurrences.
+    ``iou`` = :func:`thresholded_iou` at ``threshold``; ``ratio_other`` = mass ratio of the raw map on the
+    scene's other objects (a map that binds the word scores ``ratio`` ≫ ``ratio_other``; a map that
+    merely highlights every object scores them alike). Values are means over word occurrences.
     """
     from tqdm.auto import tqdm
 
     lm = LayerMaps(dm, steps, inversion_steps, map_size)
-    acc: dict[str, dict[str, list[tuple[float, float, float]]]] = {g: {k: [] for k in WORD_KINDS}
+    acc: dict[str, dict[str, list[tuple[float, ...]]]] = {g: {k: [] for k in WORD_KINDS}
                                                                     for g in lm.groups}
     batch = sample_batch(np.random.default_rng([seed, 77]), n, split=split)
     bar = tqdm(total=n, disable=not progress, desc="score-dm", unit="img")
@@ -543,8 +548,11 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
         maps = lm.word_maps(batch.images[i: i + batch_size], caps)
         for j, gt in enumerate(gts):
             masks = downsample_masks(gt.masks, map_size)  # (n_words, S, S) coverage
-            for w, off, mask in zip(gt.words, gt.offsets, masks):
+            for k, (w, off, mask) in enumerate(zip(gt.words, gt.offsets, masks)):
                 kind = word_kind(w)
+                # the scene's OTHER objects: a word map that binds ranks its own object above them
+                others = [m for m, full in zip(gt.masks, gt.masks) if not np.array_equal(full, gt.masks[k])]
+                other = downsample_masks(np.any(others, axis=0), map_size) if others else None
                 for g in lm.groups:
                     a = maps[g][j].get(tuple(off))
                     if kind is None or a is None:
@@ -552,16 +560,18 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
                     lo, hi = a.min(), a.max()
                     mm = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
                     acc[g][kind].append((mass_ratio(a, mask), mass_ratio(mm, mask),
-                                         thresholded_iou(a, mask, threshold)))
+                                         thresholded_iou(a, mask, threshold),
+                                         mass_ratio(a, other) if other is not None else float("nan")))
         bar.update(len(caps))
     bar.close()
     table = {}
     for g, keys in lm.groups.items():
         row: dict = {"sides": sorted({lm.sides[k] for k in keys}), "layers": len(keys)}
         for kind in WORD_KINDS:
-            arr = np.array(acc[g][kind], dtype=np.float64).reshape(-1, 3)
+            arr = np.array(acc[g][kind], dtype=np.float64).reshape(-1, 4)
             row[kind] = {"ratio": float(np.nanmean(arr[:, 0])), "ratio_minmax": float(np.nanmean(arr[:, 1])),
-                         "iou": float(np.nanmean(arr[:, 2])), "n": int(len(arr))}
+                         "iou": float(np.nanmean(arr[:, 2])), "ratio_other": float(np.nanmean(arr[:, 3])),
+                         "n": int(len(arr))}
         table[g] = row
     return {"dm": str(dm), "n_scenes": n, "seed": seed, "split": split,
             "recipe": {"name": "ddim", "steps": steps, "inversion_steps": inversion_steps},
@@ -571,10 +581,12 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
 
 def format_table(result: dict) -> str:
     """The score table as Markdown (one row per layer / resolution group)."""
-    lines = ["| maps | sides | colour ratio | colour ratio (minmax) | colour IoU | shape ratio | "
-             "shape ratio (minmax) | shape IoU |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| maps | sides | colour ratio | (minmax) | (other objects) | colour IoU | shape ratio | (minmax) | "
+             "(other objects) | shape IoU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for g, row in result["table"].items():
-        c, s = row["colour"], row["shape"]
-        lines.append(f"| {g} | {','.join(map(str, row['sides']))} | {c['ratio']:.2f} | {c['ratio_minmax']:.2f} | "
-                     f"{c['iou']:.3f} | {s['ratio']:.2f} | {s['ratio_minmax']:.2f} | {s['iou']:.3f} |")
+        cells = []
+        for kind in WORD_KINDS:
+            r = row[kind]
+            cells += [f"{r['ratio']:.2f}", f"{r['ratio_minmax']:.2f}", f"{r['ratio_other']:.2f}", f"{r['iou']:.3f}"]
+        lines.append(f"| {g} | {','.join(map(str, row['sides']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -43,7 +43,7 @@ RECIPE = "pretrain_recipe.json"
 
 @dataclass(frozen=True)
 class WorldVLMConfig:
-    """Shape of the world VLM. Defaults: ~2.5 M parameters, ~0.1 s per sample step on one CPU thread.
+    """Shape of the world VLM. Defaults: 2.4 M parameters, ~0.55 CPU-seconds per 32-scene Mllama step.
 
     Attributes:
         patch_size: pixels per patch side; 64 / patch_size image tokens per side (8 → an 8×8 grid).
@@ -256,7 +256,7 @@ class Recipe:
 
     arch: str = "mllama"
     seed: int = 0
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 50
@@ -358,7 +358,7 @@ def train_vlm(out: str, recipe: Recipe, resume: bool = False, max_minutes: float
     one would. When all ``steps`` are done the folder holds the final model + processor
     (``save_pretrained``) and the resumable state is deleted (nothing big left to commit).
     """
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     os.makedirs(out, exist_ok=True)
     state_path = os.path.join(out, STATE_DIR, "state.pt")
     state = None
@@ -433,7 +433,8 @@ def train_vlm(out: str, recipe: Recipe, resume: bool = False, max_minutes: float
             break
     _save_model(out, model, processor)
     result = {"step": step, "done": not stopped, "parameters": n_params,
-              "minutes_this_chunk": (time.monotonic() - t0) / 60}
+              "minutes_this_chunk": (time.monotonic() - t0) / 60,
+              "cpu_minutes_this_chunk": (time.process_time() - cpu0) / 60}
     if stopped:
         progress(f"stopped after {max_minutes} min at step {step}/{recipe.steps}; continue with --resume")
         return result
