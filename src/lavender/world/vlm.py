@@ -454,34 +454,22 @@ def normalise_answer(text: str) -> str:
     return " ".join((lines[0] if lines else "").lower().strip().rstrip(".!?,;:").split())
 
 
-@torch.no_grad()
 def generate_answers(model: Any, processor: Any, images: Sequence[Any], conversations: Sequence[list[dict]],
                      batch_size: int = 32, max_new_tokens: int = 4) -> list[str]:
-    """Greedy continuations of ``conversations`` (each ending with a user turn), batched with left padding.
+    """Greedy, normalised answers to ``conversations`` (each ending with a user turn), one image each.
 
-    Left padding keeps every prompt's last token at the end of the row, so one ``generate`` call
-    continues all of them; the tokenizer's padding side is restored afterwards.
+    A thin wrapper over :func:`lavender.generation.generate` (the code ``lavender eval`` uses).
     """
-    from lavender.chat import adds_special_tokens, render
+    from lavender.generation import generate
 
-    tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
     was = model.training
     model.eval()
-    answers: list[str] = []
     try:
-        for s in range(0, len(images), batch_size):
-            texts = [render(processor, c, add_generation_prompt=True) for c in conversations[s:s + batch_size]]
-            batch = processor(text=texts, images=[[im] for im in images[s:s + batch_size]], padding=True,
-                              return_tensors="pt", add_special_tokens=adds_special_tokens(tok, texts[0]))
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new = out[:, batch["input_ids"].shape[1]:]  # (B, ≤ max_new_tokens): generated ids only
-            answers += [normalise_answer(t) for t in tok.batch_decode(new, skip_special_tokens=True)]
+        prompts = [(conv, [im]) for conv, im in zip(conversations, images)]
+        answers = generate(model, processor, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     finally:
-        tok.padding_side = side
         model.train(was)
-    return answers
+    return [normalise_answer(a) for a in answers]
 
 
 def load_vqa(path: str, limit: int | None = None) -> list[dict]:
