@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lavender.cli import main as cli
-from lavender.world.demo import _accuracy, _checkpoint, _dm_resolutions
+from lavender.world.demo import _accuracy, _checkpoint, _dm_stage1_args
 from lavender.world.write import write_split
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     full = write_split(data, "train", max(a.sizes), seed=0)
     attn = out / "attn"
     assert cli(["extract", "--dm", dm, "--data", str(full), "--out", str(attn), "--recipe", "ddim",
-                "--resolutions", *map(str, _dm_resolutions(dm)), "--batch-size", "16"]) == 0
+                *_dm_stage1_args(dm), "--batch-size", "16"]) == 0
 
     if a.select:
         val = write_split(data, "validation", a.n_eval, seed=0)

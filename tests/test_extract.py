@@ -197,3 +197,15 @@ def test_two_processes_equal_one(tmp_path):
     assert names == ["r000-00000.safetensors", "r001-00000.safetensors"]
     assert "5 done" in res.stdout
     _assert_same(_all_maps(tmp_path / "two"), _all_maps(tmp_path / "one"))
+
+
+def test_layers_option_reads_only_the_named_modules(tmp_path):
+    data = write_images_and_records(tmp_path / "data", 1)
+    assert _extract(data, tmp_path / "one", "--layers", "down_blocks.0") == 0
+    captured = AttentionStore(tmp_path / "one").manifest["captured_modules"]
+    assert captured and all(k.startswith("down_blocks.0") for k in captured)
+    assert _extract(data, tmp_path / "all") == 0
+    full = AttentionStore(tmp_path / "all")
+    assert len(full.manifest["captured_modules"]) > len(captured)
+    assert not np.allclose(full.get("img_000")["maps"], AttentionStore(tmp_path / "one").get("img_000")["maps"])
+    assert _extract(data, tmp_path / "bad", "--layers", "no_such_block") != 0

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dm", help="world diffusion pipeline (default: the committed checkpoint)")
     parser.add_argument("--vlm", help="world VLM (default: the committed Mllama checkpoint)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, help="fine-tuning steps (default 150, quick 24)")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps (default 300, quick 40)")
     parser.add_argument("--lambda", dest="lambda_att", type=float, default=10.0, help="λ of the Lavender run")
     parser.add_argument("--resolutions", type=int, nargs="+",
                         help="DM cross-attention resolutions to average (default: the DM checkpoint's choice)")

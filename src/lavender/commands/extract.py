@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--map-size", type=int, default=32, help="side of the stored maps (default 32)")
     g.add_argument("--resolutions", type=int, nargs="+", default=[16, 32],
                    help="side lengths of the UNet cross-attention maps to average (default: 16 32)")
+    g.add_argument("--layers", nargs="+", default=None,
+                   help="only these cross-attention modules (name prefixes, e.g. down_blocks.0); default: all "
+                        "at --resolutions")
     g.add_argument("--frame", default="squash", choices=FRAMES, help="how the image fills the DM's square (squash)")
     g.add_argument("--normalize", default="minmax", choices=NORMALIZATIONS, help="per-map normalisation (minmax)")
     g = parser.add_argument_group("running")
@@ -60,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = ExtractConfig(
             dm=args.dm, data=args.data, out=args.out, recipe=args.recipe, steps=args.steps,
             inversion_steps=args.inversion_steps, inner_steps=args.inner_steps, guidance=args.guidance,
-            map_size=args.map_size, resolutions=args.resolutions, frame=args.frame, normalize=args.normalize,
+            map_size=args.map_size, resolutions=args.resolutions, layers=args.layers, frame=args.frame, normalize=args.normalize,
             qa_text=args.qa_text, images_root=args.images_root, batch_size=args.batch_size, dtype=args.dtype,
             device=args.device, shard_size=args.shard_size, strict=args.strict, limit=args.limit)
         summary = run_extract(cfg, progress=not args.no_progress)

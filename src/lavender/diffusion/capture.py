@@ -157,8 +157,13 @@ def cross_attention_sides(unet, latent_side: int, context_dim: int | None = None
     return seen
 
 
-def install_capture(unet, store: AttentionAccumulator, sides_by_key: dict[str, int]) -> list[str]:
+def install_capture(unet, store: AttentionAccumulator, sides_by_key: dict[str, int],
+                    layers: list[str] | None = None) -> list[str]:
     """Give the cross-attention modules at ``store.sides`` a capture processor, SDPA to all others.
+
+    Args:
+        layers: optional module-name prefixes (``down_blocks.0``, ``up_blocks.1.attentions.0``): only
+            those cross-attention modules are read (the world DM localises in one layer only).
 
     Returns the keys that capture. Raises ``ValueError`` naming the available sides when none match.
     """
@@ -170,6 +175,12 @@ def install_capture(unet, store: AttentionAccumulator, sides_by_key: dict[str, i
         avail = sorted({s for s in sides_by_key.values() if s > 0})
         raise ValueError(f"--resolutions {missing} not in this UNet: its cross-attention maps have side "
                          f"lengths {avail} at this image size; pick from those")
+    if layers:
+        picked = {k: s for k, s in chosen.items() if any(k.startswith(p) for p in layers)}
+        if not picked:
+            raise ValueError(f"--layers {layers} match no cross-attention module at --resolutions "
+                             f"{store.sides}; modules there: {sorted(k.rsplit('.processor', 1)[0] for k in chosen)}")
+        chosen = picked
     procs = {k: (CaptureCrossAttnProcessor(store, chosen[k]) if k in chosen else AttnProcessor2_0())
              for k in unet.attn_processors}
     unet.set_attn_processor(procs)

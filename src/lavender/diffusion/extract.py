@@ -55,6 +55,7 @@ class ExtractConfig:
     guidance: float | None = None
     map_size: int = 32
     resolutions: list[int] = field(default_factory=lambda: [16, 32])
+    layers: list[str] | None = None  # module-name prefixes: read only these cross-attention modules
     frame: str = "squash"
     normalize: str = "minmax"
     qa_text: str = "question+answer"
@@ -210,7 +211,7 @@ class Extractor:
         self.dm = DiffusionModel(cfg.dm, device, DTYPES[cfg.dtype])
         self.sides = cross_attention_sides(self.dm.unet, self.dm.latent_side)
         self.store = AttentionAccumulator(cfg.resolutions, cfg.batch_size, self.dm.max_length, self.dm.device)
-        self.captured = install_capture(self.dm.unet, self.store, self.sides)
+        self.captured = install_capture(self.dm.unet, self.store, self.sides, cfg.layers)
         self.dm.unet_calls = 0
         with torch.inference_mode():
             self.null_emb = self.dm.encode_text(self.dm.tokenize([""])["input_ids"])  # (1, 77, D)

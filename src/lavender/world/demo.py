@@ -37,22 +37,22 @@ class DemoConfig:
     dm: str | None = None  # default: the committed world DM
     vlm: str | None = None  # default: the committed world VLM (Mllama architecture)
     seed: int = 0
-    n_train: int = 400
+    n_train: int = 300
     n_test: int = 300
     n_ood: int = 300
     n_analysis: int = 60
-    steps: int = 150
-    batch_size: int = 8
-    learning_rate: float = 1e-3
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 2e-3  # the world VLM is trained from scratch: 1e-4 (the paper's, for Llama) is too low
     lambda_att: float = 10.0
     aggregation: str = "heads"
     align_on: str = "answer"
-    resolutions: list[int] | None = None  # default: the DM checkpoint's lavender_extract.json, else 16 32
+    resolutions: list[int] | None = None  # default: what the DM checkpoint's lavender_world_dm.json recommends
     oracle: bool = True
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.n_train, self.n_test, self.n_ood, self.n_analysis, self.steps = 96, 96, 96, 16, 24
+            self.n_train, self.n_test, self.n_ood, self.n_analysis, self.steps = 96, 96, 96, 16, 40
 
 
 def _checkpoint(path: str | None, name: str, recipe: str) -> str:
@@ -65,12 +65,15 @@ def _checkpoint(path: str | None, name: str, recipe: str) -> str:
     return str(p)
 
 
-def _dm_resolutions(dm: str) -> list[int]:
-    """The cross-attention resolutions a DM checkpoint recommends (chosen by ground truth for the world DM)."""
-    path = Path(dm) / "lavender_extract.json"
-    if path.exists():
-        return list(json.loads(path.read_text())["resolutions"])
-    return [16, 32]
+def _dm_stage1_args(dm: str) -> list[str]:
+    """Stage 1 flags a DM checkpoint recommends: for the world DM, the resolution and layer its
+    ground-truth localisation scores chose (``lavender_world_dm.json``); else Stage 1's defaults."""
+    path = Path(dm) / "lavender_world_dm.json"  # written by `lavender world train-dm`
+    if not path.exists():
+        return []
+    info = json.loads(path.read_text())
+    args = ["--resolutions", *map(str, info["stage1_resolutions"])]
+    return args + (["--layers", *info["stage1_layers"]] if info.get("stage1_layers") else [])
 
 
 def _log(msg: str) -> None:
@@ -170,10 +173,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t = time.time()
     _log("2/5 Stage 1: lavender extract --recipe ddim (world DM)")
-    res = [str(r) for r in (cfg.resolutions or _dm_resolutions(dm))]
+    stage1 = ["--resolutions", *map(str, cfg.resolutions)] if cfg.resolutions else _dm_stage1_args(dm)
     for src, dst in ((train, out / "attn"), (analysis, out / "attn_analysis")):
         assert cli(["extract", "--dm", dm, "--data", str(src), "--out", str(dst), "--recipe", "ddim",
-                    "--resolutions", *res, "--batch-size", "16"]) == 0
+                    *stage1, "--batch-size", "16"]) == 0
     if cfg.oracle:
         oracle_attention(train, out / "attn_oracle")
     timings["extract_s"] = time.time() - t
