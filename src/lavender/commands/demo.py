@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vlm", help="world VLM (default: the committed Mllama checkpoint)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default 300, quick 40)")
-    parser.add_argument("--lambda", dest="lambda_att", type=float, default=10.0, help="λ of the Lavender run")
+    parser.add_argument("--lambda", dest="lambda_att", type=float, default=1.0,
+                        help="λ of the Lavender runs (default 1: chosen on the validation split)")
     parser.add_argument("--resolutions", type=int, nargs="+",
                         help="DM cross-attention resolutions to average (default: the DM checkpoint's choice)")
     parser.add_argument("--no-oracle", dest="oracle", action="store_false", help="skip the oracle-teacher run")

@@ -44,9 +44,10 @@ class DemoConfig:
     steps: int = 300
     batch_size: int = 16
     learning_rate: float = 2e-3  # the world VLM is trained from scratch: 1e-4 (the paper's, for Llama) is too low
-    lambda_att: float = 10.0
+    # λ and align-on chosen on the VALIDATION split (experiments/scaling.py --select; docs/experiments.md)
+    lambda_att: float = 1.0
     aggregation: str = "heads"
-    align_on: str = "answer"
+    align_on: str = "all"
     resolutions: list[int] | None = None  # default: what the DM checkpoint's lavender_world_dm.json recommends
     oracle: bool = True
 
