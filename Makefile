@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/lavender demo --out demo_out
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract_speed.py
