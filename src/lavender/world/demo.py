@@ -286,7 +286,7 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"| {label[n]} | {100 * results['test'][n]:.1f} | {100 * results['ood'][n]:.1f} |")
     loc = results.get("localisation", {})
     lines += ["", "## Attention", "",
-              "On held-out analysis images, for answer words that name an object: IoU of the attention map "
+              "On held-out analysis images, for the aligned words that name an object: IoU of the attention map "
               "(min–max, ≥ 0.5) with the object's true mask, and the mass inside the mask over a uniform map's "
               "(1.0 = no localisation). Entropy: normalised, 1 = uniform.", "",
               "| maps | IoU | mass ratio | entropy |", "| --- | ---: | ---: | ---: |"]
