@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lavender.analysis import iou, mass_ratio
 from lavender.world.scenes import SIZE, downsample_masks, sample_batch
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints" / "dm"
@@ -393,26 +394,9 @@ def train_dm(out: str | Path, cfg: DMConfig, resume: bool = False, chunk_minutes
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def mass_ratio(attn: np.ndarray, mask: np.ndarray) -> float:
-    """Attention mass inside ``mask`` over the mass a uniform map puts there (1.0 = no localisation).
-
-    ``attn`` (S, S) ≥ 0; ``mask`` (S, S) in [0, 1] (coverage of each cell by the object). A map equal to
-    a binary mask scores 1 / (mask's area fraction); a constant map scores 1.
-    """
-    total = float(attn.sum())
-    area = float(mask.mean())
-    if total <= 0 or area <= 0:
-        return float("nan")
-    return float((attn * mask).sum()) / total / area
-
-
 def thresholded_iou(attn: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
     """IoU of {cells with attention ≥ ``threshold`` of its min–max range} with {mask coverage ≥ 0.5}."""
-    lo, hi = float(attn.min()), float(attn.max())
-    pred = (attn - lo) >= threshold * (hi - lo) if hi > lo else np.zeros(attn.shape, bool)
-    gt = mask >= 0.5
-    union = int((pred | gt).sum())
-    return float((pred & gt).sum()) / union if union else float("nan")
+    return iou(attn, np.asarray(mask) >= 0.5, threshold)
 
 
 def word_kind(word: str) -> str | None:
