@@ -11,6 +11,10 @@ The layout mirrors SD-1.x at a miniature scale:
 - the text encoder is a 2-layer CLIP of width 32, and the tokenizer a byte-level CLIP BPE whose
   vocabulary/merges are written here (whole-word merges for a few hundred common words, everything
   else falls back to characters — which gives the multi-token words the word-merging code must handle).
+
+``make_tiny_dm(..., architecture="sd14")`` builds the same kind of pipeline at the real size of
+Stable Diffusion 1.4 (random weights, float16), for GPU speed benchmarks and real-shape smoke tests
+without hub access; see ``ARCHITECTURES``.
 """
 
 from __future__ import annotations
@@ -84,13 +88,78 @@ def make_tokenizer(out: str | Path):
     return tok
 
 
-def make_tiny_dm(out: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
-    """Build the tiny pipeline with weights from ``seed`` and ``save_pretrained`` it to ``out``.
+# Sizes per architecture: keyword arguments of UNet2DConditionModel, AutoencoderKL and CLIPTextConfig
+# (on top of the shared ones set in make_tiny_dm), the image side (None: the caller's ``image_size``)
+# and the dtype the weights are saved in.
+ARCHITECTURES: dict[str, dict] = {
+    "tiny": {
+        "image_size": None,
+        "dtype": torch.float32,
+        "unet": {
+            "layers_per_block": 1,
+            "block_out_channels": (16, 32),
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 2,  # diffusers' legacy name: this is the number of heads
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            "block_out_channels": (16, 32),
+            "norm_num_groups": 8,
+        },
+        "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "projection_dim": 32},
+    },
+    # the shapes of CompVis/stable-diffusion-v1-4 (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder parameters)
+    "sd14": {
+        "image_size": 512,
+        "dtype": torch.float16,  # halves the ~4 GB of float32 weights
+        "unet": {
+            "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "scaling_factor": 0.18215,
+        },
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "projection_dim": 768},
+    },
+}
+
+
+def make_tiny_dm(out: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE,
+                 architecture: str = "tiny") -> Path:
+    """Build a random pipeline with weights from ``seed`` and ``save_pretrained`` it to ``out``.
 
     Loadable with ``StableDiffusionPipeline.from_pretrained(out)``, exactly like a hub checkpoint.
-    ``image_size`` (a multiple of 4) sets the latent side (``image_size / 2``); cross-attention maps have
-    side lengths ``image_size / 2`` and ``image_size / 4`` (tests use 32 px: sides 16 and 8, 4× cheaper).
+
+    ``architecture="tiny"`` (default) is the miniature described in the module docstring: ``image_size``
+    (a multiple of 4) sets the latent side (``image_size / 2``); cross-attention maps have side lengths
+    ``image_size / 2`` and ``image_size / 4`` (tests use 32 px: sides 16 and 8, 4× cheaper).
+
+    ``architecture="sd14"`` has the exact shapes of CompVis/stable-diffusion-v1-4 (512 px images, 64×64
+    latents, cross-attention maps of side 64/32/16/8, a 12-layer width-768 CLIP text encoder) with random
+    weights saved in float16 (~2 GB); ``image_size`` is ignored. It exists for GPU speed benchmarks and
+    smoke tests of real-size shapes and memory where no hub checkpoint can be downloaded. Its maps are
+    meaningless (random weights) and the tokenizer is still lavender's small offline CLIP BPE.
     """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
+    arch = ARCHITECTURES[architecture]
+    image_size = arch["image_size"] or image_size
     if image_size % 4:
         raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -99,41 +168,20 @@ def make_tiny_dm(out: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE) -
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(out / "tokenizer")
+    vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,  # diffusers' legacy name: this is the number of heads
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=image_size,
-    )
+    unet = UNet2DConditionModel(sample_size=image_size // vae_factor, in_channels=4, out_channels=4,
+                                **arch["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
+                        **arch["vae"])
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
-            projection_dim=32,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **arch["text"],
         )
     )
     scheduler = DDIMScheduler(
@@ -154,5 +202,7 @@ def make_tiny_dm(out: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE) -
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if arch["dtype"] != torch.float32:
+        pipe.to(arch["dtype"])
     pipe.save_pretrained(out)
     return out
