@@ -76,10 +76,15 @@ def _add_train_dm(sub) -> None:
     p.add_argument("--vae-channels", type=int, nargs="+", default=list(d.vae_channels),
                    help="VAE block widths; the latent side is 64 / 2^(len-1) (default %(default)s)")
     p.add_argument("--text-width", type=int, default=d.text_width, help="text encoder width (default %(default)s)")
+    p.add_argument("--text-layers", type=int, default=d.text_layers,
+                   help="text encoder layers; 0 = token + position embeddings only, so no token (padding "
+                        "included) carries the rest of the caption (default %(default)s)")
     p.add_argument("--chunk-minutes", type=float, default=None,
                    help="stop after this many minutes, saving state (continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (the recipe's budget is CPU time) or cuda; the batches are the same (default cpu)")
     p.set_defaults(run=_train_dm)
 
     s = sub.add_parser("score-dm", help="how well a DM's Stage-1 maps localise colour and shape words",
@@ -93,6 +98,7 @@ def _add_train_dm(sub) -> None:
     s.add_argument("--split", default="test", help="scene split (default test)")
     s.add_argument("--out", default=None, help="write the result JSON here")
     s.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
     s.set_defaults(run=_score_dm)
 
 
@@ -107,8 +113,9 @@ def _train_dm(args: argparse.Namespace) -> int:
     cfg = DMConfig(steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size,
                    vae_batch_size=args.vae_batch_size, seed=args.seed,
                    lr=args.lr, unet_channels=tuple(args.unet_channels), vae_channels=tuple(args.vae_channels),
-                   text_width=args.text_width)
-    trainer = train_dm(args.out, cfg, resume=args.resume, chunk_minutes=args.chunk_minutes)
+                   text_width=args.text_width, text_layers=args.text_layers)
+    trainer = train_dm(args.out, cfg, resume=args.resume, chunk_minutes=args.chunk_minutes,
+                       device=args.device)
     where = f"{args.out}/pipeline" if trainer.vae_step >= cfg.vae_steps else "(not yet: VAE phase)"
     print(f"{'finished' if trainer.done else 'paused (run again with --resume)'}: VAE step {trainer.vae_step}/"
           f"{cfg.vae_steps}, UNet step {trainer.step}/{cfg.steps}, {trainer.seconds / 60:.1f} min wall, "
@@ -124,7 +131,7 @@ def _score_dm(args: argparse.Namespace) -> int:
     from lavender.world.dm import CHECKPOINT_DIR, format_table, score_dm
 
     torch.set_num_threads(args.threads)
-    result = score_dm(args.dm or CHECKPOINT_DIR, n=args.n, seed=args.seed, split=args.split)
+    result = score_dm(args.dm or CHECKPOINT_DIR, n=args.n, seed=args.seed, split=args.split, device=args.device)
     print(format_table(result))
     if args.out:
         with open(args.out, "w") as f:

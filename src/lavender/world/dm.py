@@ -10,9 +10,11 @@ Why these sizes (docs/world_dm.md has the measurements):
 - UNet: two levels (64, 96 channels), cross-attention at **16×16** (down block 0, up block 1) and
   **8×8** (down block 1, the mid block, up block 0). So ``lavender extract --resolutions`` chooses
   from {16, 8} for this DM (not SD's default {16, 32}, which does not exist here).
-- Text: a 2-layer causal ``CLIPTextModel`` (width 64) trained jointly with the UNet, over a CLIP BPE
-  tokenizer whose merges make every world word one token. Causal attention puts "red" into the
-  embedding of the following "circle" token, so an object's pixels can find its shape word by colour.
+- Text: a ``CLIPTextModel`` with **no transformer layers** (token + position embeddings and the final
+  layer norm), trained jointly with the UNet, over a CLIP BPE tokenizer whose merges make every world
+  word one token. With 2 causal layers (the first recipe) the word maps stayed near uniform from 1,000
+  to 4,800 steps; our reading is that every padding token held the whole caption, so the UNet could
+  read it from them. With no layers, a token holds only its own word, and the measured maps localise.
 - Training conditions exactly as Stage 1 encodes (77 tokens padded with EOS, no attention mask), so
   the maps Stage 1 reads come from the regime the model was trained in; captions are dropped 10% of
   the time so the null text means something (the ``nulltext`` recipe's guidance).
@@ -56,12 +58,12 @@ WORD_KINDS = ("colour", "shape")
 class DMConfig:
     """Sizes and optimisation of the world DM (the ``train-dm`` flags override the first block)."""
 
-    steps: int = 600  # UNet + text-encoder steps (the committed checkpoint's recipe)
+    steps: int = 3000  # UNet + text-encoder steps (the committed checkpoint's recipe)
     vae_steps: int = 80  # VAE reconstruction steps (run first)
     batch_size: int = 16
     vae_batch_size: int = 8  # flat-colour scenes reconstruct from few examples; the VAE is the dear part
     seed: int = 0
-    lr: float = 1e-3
+    lr: float = 2e-3
     vae_lr: float = 2e-3
     warmup: int = 100
     uncond_prob: float = 0.1
@@ -73,7 +75,10 @@ class DMConfig:
     vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 blocks → downsample 4 → latent 16×16
     latent_channels: int = 4
     text_width: int = 64
-    text_layers: int = 2
+    # 0 = token + position embeddings only: no token carries the rest of the caption, so the UNet must
+    # attend to each word where its object is (a contextual encoder let it read the whole caption from
+    # the padding tokens, leaving word maps flat; docs/world_dm.md, "What was tried")
+    text_layers: int = 0
     kl_weight: float = 1e-6
     extra: dict = field(default_factory=dict)
 
@@ -226,8 +231,11 @@ def _save_on_sigterm():
 class Trainer:
     """Resumable two-phase training of the world DM in ``out`` (see the module docstring)."""
 
-    def __init__(self, out: str | Path, cfg: DMConfig, resume: bool = False):
+    def __init__(self, out: str | Path, cfg: DMConfig, resume: bool = False, device: str = "cpu"):
         self.out = Path(out)
+        # every random draw (scenes, noise, timesteps, caption drops) stays on CPU generators and only the
+        # tensors move, so a run on a GPU sees the same batches as the CPU recipe
+        self.device = torch.device(device)
         self.state_path = self.out / STATE_FILE
         if self.state_path.exists() and not resume:
             raise FileExistsError(f"{self.state_path} exists: pass --resume to continue that run, or choose "
@@ -236,7 +244,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {self.out}; start without --resume")
         self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer = make_world_tokenizer(self.out / "tokenizer")
-        state = torch.load(self.state_path, weights_only=False) if resume else None
+        state = torch.load(self.state_path, weights_only=False, map_location="cpu") if resume else None
         if state is not None:
             saved = DMConfig.from_json(state["config"])
             # the schedule length and batch may change on resume; sizes and seed may not
@@ -248,6 +256,8 @@ class Trainer:
         self.cfg = cfg
         self.parts = build_parts(cfg, self.tokenizer)
         self.vae, self.unet, self.te = self.parts["vae"], self.parts["unet"], self.parts["text_encoder"]
+        for m in (self.vae, self.unet, self.te):
+            m.to(self.device)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr)
         self.opt = torch.optim.AdamW(list(self.unet.parameters()) + list(self.te.parameters()), lr=cfg.lr,
                                      weight_decay=1e-2)
@@ -264,7 +274,7 @@ class Trainer:
             self.vae_step, self.step, self.log = state["vae_step"], state["step"], state["log"]
             self.seconds, self.cpu_seconds = state.get("seconds", 0.0), state.get("cpu_seconds", 0.0)
             self.vae.register_to_config(scaling_factor=state["scaling_factor"])
-        alphas = self.parts["scheduler"].alphas_cumprod.float()
+        alphas = self.parts["scheduler"].alphas_cumprod.float().to(self.device)
         self.sqrt_a, self.sqrt_1ma = alphas.sqrt(), (1 - alphas).sqrt()
         self.uncond_ids = self._tokenize([""])
 
@@ -275,16 +285,16 @@ class Trainer:
     def _tokenize(self, texts: list[str]) -> torch.Tensor:
         # exactly Stage 1's encoding: 77 tokens, EOS-padded, no attention mask
         return self.tokenizer(texts, padding="max_length", max_length=77, truncation=True,
-                              return_tensors="pt")["input_ids"]
+                              return_tensors="pt")["input_ids"].to(self.device)
 
     def vae_train_step(self) -> float:
         cfg, i = self.cfg, self.vae_step
-        x = _images_to_tensor(_batch(cfg, 0, i).images)
+        x = _images_to_tensor(_batch(cfg, 0, i).images).to(self.device)
         for g in self.vae_opt.param_groups:
             g["lr"] = _lr(cfg.vae_lr, i, cfg.vae_steps, min(cfg.warmup, cfg.vae_steps // 5 + 1))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
         post = self.vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(self.device)
         rec = self.vae.decode(z).sample
         loss = F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
         self.vae_opt.zero_grad(set_to_none=True)
@@ -298,7 +308,7 @@ class Trainer:
     @torch.no_grad()
     def _set_scaling_factor(self) -> None:
         """SD's convention: scale latents to unit std (measured on 256 fixed scenes)."""
-        x = _images_to_tensor(sample_batch(np.random.default_rng([self.cfg.seed, 9]), 64).images)
+        x = _images_to_tensor(sample_batch(np.random.default_rng([self.cfg.seed, 9]), 64).images).to(self.device)
         std = float(self.vae.encode(x).latent_dist.mean.std())
         self.vae.register_to_config(scaling_factor=1.0 / std)
 
@@ -307,11 +317,12 @@ class Trainer:
         b = _batch(cfg, 1, i)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_000 + i)
         with torch.no_grad():
-            z0 = self.vae.encode(_images_to_tensor(b.images)).latent_dist.mean * self.vae.config.scaling_factor
+            x = _images_to_tensor(b.images).to(self.device)
+            z0 = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
         drop = torch.rand(len(b.captions), generator=gen) < cfg.uncond_prob
         ids = self._tokenize(["" if d else c for c, d in zip(b.captions, drop.tolist())])
-        t = torch.randint(0, len(self.sqrt_a), (len(ids),), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, len(self.sqrt_a), (len(ids),), generator=gen).to(self.device)
+        noise = torch.randn(z0.shape, generator=gen).to(self.device)
         zt = self.sqrt_a[t].view(-1, 1, 1, 1) * z0 + self.sqrt_1ma[t].view(-1, 1, 1, 1) * noise
         for g in self.opt.param_groups:
             g["lr"] = _lr(cfg.lr, i, cfg.steps, cfg.warmup)
@@ -382,13 +393,13 @@ class Trainer:
 
 
 def train_dm(out: str | Path, cfg: DMConfig, resume: bool = False, chunk_minutes: float | None = None,
-             progress: bool = True) -> Trainer:
+             progress: bool = True, device: str = "cpu") -> Trainer:
     """Train (or continue) the world DM in ``out``; one call runs one chunk of ≤ ``chunk_minutes``.
 
     The pipeline is written to ``out/pipeline`` at the end of every chunk after the VAE phase; call
     again with ``resume=True`` until ``trainer.done``.
     """
-    trainer = Trainer(out, cfg, resume=resume)
+    trainer = Trainer(out, cfg, resume=resume, device=device)
     trainer.run(chunk_minutes, progress=progress)
     return trainer
 
@@ -450,13 +461,14 @@ class LayerMaps:
     ``--resolutions <side>`` averages) and ``all`` (every layer: ``--resolutions`` = all sides).
     """
 
-    def __init__(self, dm: str | Path, steps: int = 10, inversion_steps: int = 5, map_size: int = 32):
+    def __init__(self, dm: str | Path, steps: int = 10, inversion_steps: int = 5, map_size: int = 32,
+                 device: str = "cpu"):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         from lavender.diffusion.capture import CaptureCrossAttnProcessor, cross_attention_sides
         from lavender.diffusion.extract import DiffusionModel
 
-        self.model = DiffusionModel(str(dm))
+        self.model = DiffusionModel(str(dm), device)
         self.steps, self.inversion_steps, self.map_size = steps, inversion_steps, map_size
         self.sides = {k: s for k, s in cross_attention_sides(self.model.unet, self.model.latent_side).items()
                       if s > 0}
@@ -509,7 +521,7 @@ class LayerMaps:
 
 def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test", steps: int = 10,
              inversion_steps: int = 5, batch_size: int = 10, map_size: int = 32, threshold: float = 0.5,
-             progress: bool = True) -> dict:
+             progress: bool = True, device: str = "cpu") -> dict:
     """Localisation of the DM's Stage-1 ``ddim`` maps on ``n`` held-out scenes, per layer and resolution.
 
     Scenes come from ``sample_batch(default_rng([seed, 77]), n, split)`` (never the training streams,
@@ -522,7 +534,7 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
     """
     from tqdm.auto import tqdm
 
-    lm = LayerMaps(dm, steps, inversion_steps, map_size)
+    lm = LayerMaps(dm, steps, inversion_steps, map_size, device)
     acc: dict[str, dict[str, list[tuple[float, ...]]]] = {g: {k: [] for k in WORD_KINDS}
                                                                     for g in lm.groups}
     batch = sample_batch(np.random.default_rng([seed, 77]), n, split=split)
