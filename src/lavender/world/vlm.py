@@ -475,31 +475,24 @@ def generate_answers(model: Any, processor: Any, images: Sequence[Any], conversa
 def load_vqa(path: str, limit: int | None = None) -> list[dict]:
     """VQA records of a JSONL file as ``{"id", "image", "prompt", "answers", "type"}`` (image = PIL).
 
-    ``prompt`` is the conversation without its last assistant turn; ``answers`` the record's
-    ``answers`` field (world records) or else that assistant turn; ``type`` its ``type`` or "all".
+    Parsed by :func:`lavender.evaluate.evaluation_items` (the same answers and types ``lavender eval``
+    scores); ``prompt`` is the conversation without its last assistant turn, answers are normalised
+    with :func:`normalise_answer`, a missing ``type`` is "all". A bad record stops with its error.
     """
-    from lavender.records import RecordError, iter_records, load_image
+    from lavender.evaluate import evaluation_items
+    from lavender.records import load_image
 
-    raw = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                raw[str(row.get("id"))] = row
-    items = []
-    for rec in iter_records(path):
-        if isinstance(rec, RecordError):
-            raise rec
-        turns = rec.messages
-        if not turns or turns[-1]["role"] != "assistant" or len(rec.images) != 1:
-            raise ValueError(f"{path}: record {rec.id!r} needs one image and a last assistant turn (the answer)")
-        row = raw.get(rec.id, {})
-        answers = row.get("answers") or [turns[-1]["content"]]
-        items.append({"id": rec.id, "image": load_image(rec.images[0]), "prompt": turns[:-1],
-                      "answers": [normalise_answer(str(a)) for a in answers], "type": row.get("type", "all")})
-        if limit is not None and len(items) >= limit:
-            break
-    return items
+    items, errors = evaluation_items(path, limit=limit)
+    if errors:
+        raise errors[0]
+    out = []
+    for it in items:
+        turns = it["messages"]
+        if turns[-1]["role"] != "assistant" or len(it["images"]) != 1:
+            raise ValueError(f"{path}: record {it['id']!r} needs one image and a last assistant turn (the answer)")
+        out.append({"id": it["id"], "image": load_image(it["images"][0]), "prompt": turns[:-1],
+                    "answers": [normalise_answer(a) for a in it["answers"]], "type": it["type"] or "all"})
+    return out
 
 
 def majority_answer(items: Sequence[dict]) -> str:
