@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     # defaults = the validation choice of `--select` (docs/experiments.md)
     p.add_argument("--lambda", dest="lam", type=float, default=1.0)
-    p.add_argument("--align-on", default="all", choices=("answer", "all"))
+    p.add_argument("--align-on", default="answer", choices=("answer", "all"))
     p.add_argument("--n-eval", type=int, default=300)
     p.add_argument("--select", action="store_true", help="choose λ on the validation split at the smallest size")
     p.add_argument("--dm")

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default 300, quick 40)")
     parser.add_argument("--lambda", dest="lambda_att", type=float, default=1.0,
                         help="λ of the Lavender runs (default 1: chosen on the validation split)")
+    parser.add_argument("--align-on", default="answer", choices=("answer", "all"),
+                        help="words aligned in the Lavender runs (default answer: chosen on the validation split)")
     parser.add_argument("--resolutions", type=int, nargs="+",
                         help="DM cross-attention resolutions to average (default: the DM checkpoint's choice)")
     parser.add_argument("--no-oracle", dest="oracle", action="store_false", help="skip the oracle-teacher run")
@@ -31,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     from lavender.world.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, quick=args.quick, dm=args.dm, vlm=args.vlm, seed=args.seed,
-                     lambda_att=args.lambda_att, oracle=args.oracle, resolutions=args.resolutions)
+                     lambda_att=args.lambda_att, align_on=args.align_on, oracle=args.oracle, resolutions=args.resolutions)
     if args.steps:
         cfg.steps = args.steps
     run_demo(cfg)

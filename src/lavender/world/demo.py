@@ -47,7 +47,7 @@ class DemoConfig:
     # λ and align-on chosen on the VALIDATION split (experiments/scaling.py --select; docs/experiments.md)
     lambda_att: float = 1.0
     aggregation: str = "heads"
-    align_on: str = "all"
+    align_on: str = "answer"
     resolutions: list[int] | None = None  # default: what the DM checkpoint's lavender_world_dm.json recommends
     oracle: bool = True
 
