@@ -9,13 +9,14 @@ Hyper-parameters (λ, align-on) are chosen on the VALIDATION split only (``--sel
     python experiments/scaling.py --out runs/scaling --select          # λ choice on validation
 
 Prints a table of test and OOD exact-match accuracy, mean ± std over seeds, and writes
-``OUT/summary.json``.
+``OUT/summary_<name>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def subset(src: Path, n: int, dst: Path) -> Path:
 
 
 def run_one(out: Path, vlm: str, train: Path, attn: Path | None, lam: float, steps: int, seed: int,
-            evals: dict[str, Path], batch_size: int, lr: float, align_on: str) -> dict:
+            evals: dict[str, Path], batch_size: int, lr: float, align_on: str, extra: list[str] = ()) -> dict:
     """Train one configuration (cached) and score it on each eval split."""
     cache = out / "result.json"
     if cache.exists():
@@ -46,7 +47,7 @@ def run_one(out: Path, vlm: str, train: Path, attn: Path | None, lam: float, ste
             "--per_device_train_batch_size", str(batch_size), "--learning_rate", str(lr), "--seed", str(seed),
             "--lambda", str(lam), "--align_on", align_on, "--save_steps", str(10 * steps), "--disable_tqdm", "true"]
     if attn is not None:
-        args += ["--attention", str(attn)]
+        args += ["--attention", str(attn), *extra]
     assert cli(args) == 0
     result = {split: _accuracy(str(run_dir), path, out / f"eval_{split}")["accuracy"] for split, path in evals.items()}
     cache.write_text(json.dumps(result))
@@ -67,6 +68,11 @@ def main() -> None:
     p.add_argument("--align-on", default="answer", choices=("answer", "all"))
     p.add_argument("--n-eval", type=int, default=300)
     p.add_argument("--select", action="store_true", help="choose λ on the validation split at the smallest size")
+    p.add_argument("--evals", nargs="+", default=["test", "ood"], choices=("validation", "test", "ood"),
+                   help="splits the sweep scores (default test ood; validation for choosing among --name variants)")
+    p.add_argument("--name", default="lavender", help="the Lavender arm's name in the cache and table")
+    p.add_argument("--extra", default="", help='more `lavender train` flags for the Lavender arm, e.g. '
+                                               '"--aggregation mean-mean" (give it its own --name)')
     p.add_argument("--dm")
     p.add_argument("--vlm")
     a = p.parse_args()
@@ -96,21 +102,22 @@ def main() -> None:
         (out / "select.json").write_text(json.dumps(rows, indent=2))
         return
 
-    evals = {"test": write_split(data, "test", a.n_eval, seed=0), "ood": write_split(data, "ood", a.n_eval, seed=0)}
+    evals = {split: write_split(data, split, a.n_eval, seed=0) for split in a.evals}
     table: dict[str, dict] = {}
     for n in a.sizes:
         train = subset(full, n, data / f"train_{n}.jsonl")
-        for method, lam in (("ar", 0.0), ("lavender", a.lam)):
+        for method, lam in (("ar", 0.0), (a.name, a.lam)):
             scores = [run_one(out / f"n{n}" / method / f"seed{s}", vlm, train, attn if lam else None, lam,
-                              a.steps, s, evals, a.batch_size, a.lr, a.align_on) for s in a.seeds]
+                              a.steps, s, evals, a.batch_size, a.lr, a.align_on, shlex.split(a.extra))
+                      for s in a.seeds]
             table[f"{n}/{method}"] = {split: {"mean": float(np.mean([x[split] for x in scores])),
                                               "std": float(np.std([x[split] for x in scores])),
                                               "runs": [x[split] for x in scores]} for split in evals}
-    (out / "summary.json").write_text(json.dumps({"config": vars(a), "table": table}, indent=2))
-    print(f"{'size/method':<16} {'test':>14} {'ood':>14}")
+    (out / f"summary_{a.name}.json").write_text(json.dumps({"config": vars(a), "table": table}, indent=2))
+    print(f"{'size/method':<24} " + " ".join(f"{s:>14}" for s in evals))
     for key, row in table.items():
-        cells = [f"{100 * row[s]['mean']:5.1f} ± {100 * row[s]['std']:4.1f}" for s in ("test", "ood")]
-        print(f"{key:<16} {cells[0]:>14} {cells[1]:>14}")
+        cells = [f"{100 * row[s]['mean']:5.1f} ± {100 * row[s]['std']:4.1f}" for s in evals]
+        print(f"{key:<24} " + " ".join(f"{c:>14}" for c in cells))
 
 
 if __name__ == "__main__":
