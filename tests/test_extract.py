@@ -46,6 +46,24 @@ def test_tiny_dm_command(tmp_path, capsys):
     assert pipe.unet.config.sample_size == 16 and "tiny Stable Diffusion" in capsys.readouterr().out
 
 
+def test_sd14_architecture_has_stable_diffusion_1_4_sizes(tmp_path):
+    """The GPU benchmarks' random SD-1.4 must really be SD-1.4-sized: its UNet (built on the meta device,
+    no weights) has SD-1.4's 859,520,964 parameters and its cross-attention maps SD's sides."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from lavender.diffusion.capture import cross_attention_sides
+    from lavender.diffusion.tiny import ARCHITECTURES, make_tiny_dm
+
+    arch = ARCHITECTURES["sd14"]
+    with init_empty_weights():
+        unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, **arch["unet"])
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    assert sorted(set(cross_attention_sides(unet, 64).values()) - {0}) == [8, 16, 32, 64]
+    with pytest.raises(ValueError, match="choose one of tiny, sd14"):
+        make_tiny_dm(tmp_path / "x", architecture="sd15")
+
+
 def test_bad_record_corpus_never_stops_the_run(tmp_path, capsys):
     d = tmp_path / "data"
     d.mkdir()
