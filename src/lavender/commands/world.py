@@ -2,7 +2,7 @@
 
   lavender world scenes --out DIR --split train --n 1000 --seed 0            VQA records
   lavender world scenes --out DIR --split train --n 5000 --seed 0 --captions caption rows
-  lavender world train-dm --out DIR --steps 2000 --seed 0 [--chunk-minutes 10] [--resume]
+  lavender world train-dm --out DIR [--steps 3000] [--seed 0] [--device cuda] [--chunk-minutes 10] [--resume]
   lavender world score-dm --dm DIR/pipeline [--n 100] [--out scores.json]
   lavender world train-vlm --arch mllama --out DIR --steps 800 --seed 0 [--chunk-minutes 10] [--resume]
 
