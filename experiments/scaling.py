@@ -74,6 +74,9 @@ def main() -> None:
     p.add_argument("--extra", default="", help='more `lavender train` flags for the Lavender arm, e.g. '
                                                '"--aggregation mean-mean" (give it its own --name)')
     p.add_argument("--dm")
+    p.add_argument("--stage1", default="", help='Stage-1 flags instead of the DM checkpoint\'s choice, e.g. '
+                                                '"--resolutions 16 8 --layers up_blocks.1.attentions.0 '
+                                                'up_blocks.0.attentions.0" (use its own --out: maps are cached)')
     p.add_argument("--vlm")
     a = p.parse_args()
 
@@ -84,7 +87,7 @@ def main() -> None:
     full = write_split(data, "train", max(a.sizes), seed=0)
     attn = out / "attn"
     assert cli(["extract", "--dm", dm, "--data", str(full), "--out", str(attn), "--recipe", "ddim",
-                *_dm_stage1_args(dm), "--batch-size", "16"]) == 0
+                *(shlex.split(a.stage1) or _dm_stage1_args(dm)), "--batch-size", "16"]) == 0
 
     if a.select:
         val = write_split(data, "validation", a.n_eval, seed=0)
