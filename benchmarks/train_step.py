@@ -101,6 +101,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--aggregation", default="heads", help="Lavender arm's aggregation (default: the trainer's)")
+    p.add_argument("--capture-chunk-mib", type=float, default=None,
+                   help="AttentionCapture.chunk_bytes in MiB (default: the capture's; a huge value = unchunked)")
     args = p.parse_args()
 
     from lavender.trainer import LavenderArguments, build_trainer
@@ -117,6 +119,8 @@ def main() -> None:
                                   aggregation=args.aggregation,
                                   use_cpu=args.device == "cpu", report_to="none", disable_tqdm=True)
         trainer = build_trainer(targs)
+        if trainer.capture is not None and args.capture_chunk_mib is not None:
+            trainer.capture.chunk_bytes = int(args.capture_chunk_mib * 2**20)
         trainer.model.to(device=device, dtype=dtype)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch_size)])
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}

@@ -204,3 +204,47 @@ def test_state_is_per_step(tiny_llava_dir: str) -> None:
         capture.clear()
         model(**inputs1)  # disarmed: nothing captured
         assert capture.maps == {}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("arch", [a for a in ("llava", "mllama") if a in ARCHS])
+def test_row_chunks_give_the_same_maps_and_grads(arch: str, checkpointing: bool, tiny_vlm, monkeypatch) -> None:
+    """Scoring rows in checkpointed chunks (the memory bound for real sizes) changes nothing: the same
+    maps and q_proj gradients as one unchunked slice, with and without model gradient checkpointing."""
+    import lavender.vlm.backend as backend
+
+    path = tiny_vlm(arch)
+    fam = families()[arch]
+    inputs, sizes = make_batch(arch, path, 3, "left")
+    weights = torch.rand(64, 64, 64)
+    calls: list[int] = []
+    real_slice = backend.attention_slice
+    monkeypatch.setattr(backend, "attention_slice", lambda q, k, m, plan, *a, **kw: (
+        calls.append(plan.rows.shape[1]), real_slice(q, k, m, plan, *a, **kw))[1])
+    results = []
+    for chunk_bytes in (2**40, 1):  # one slice; one row per chunk
+        model = _load(path)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = fam.default_layers(model)
+        capture = enable_capture(model, fam)
+        capture.chunk_bytes = chunk_bytes
+        capture.arm(plan_for(arch, model, inputs, sizes, layers))
+        calls.clear()
+        out = model(**inputs)
+        maps = {k: v.detach().clone() for k, v in capture.maps.items()}
+        loss = out.logits.float().pow(2).mean() + _loss(capture.maps, weights)
+        loss.backward()
+        capture.clear()
+        rows_per_call = sorted(set(calls))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "q_proj" in n}
+        results.append((maps, loss.detach(), grads, rows_per_call))
+    (maps_a, loss_a, grads_a, rows_a), (maps_b, loss_b, grads_b, rows_b) = results
+    assert rows_a == [6] and rows_b == [1]  # the chunked run really scored one row at a time
+    for k in maps_a:
+        torch.testing.assert_close(maps_a[k], maps_b[k], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5)

@@ -35,7 +35,7 @@ Typical use (the trainer)::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -88,11 +88,19 @@ class AttentionCapture:
             pure causal, unpadded batch). ``False`` for cross-attention (Mllama), whose keys are
             image tokens only.
         projector: optional :data:`Projector` (the ``learn`` aggregation).
+        chunk_bytes: with gradients on, rows are scored in chunks whose float32 ``(B, H, rows, S)``
+            score tensor stays under this size, each under ``torch.utils.checkpoint``. The slice must
+            score every row against ALL S keys (Mllama: 4 tile slots × 1601 = 6,404) before keeping
+            the image columns, so one unchunked tensor is 210 MB at 32 heads and 256 rows, and the
+            saved softmax plus backward's full-size gradients held ~760 MiB on an H100 (README).
+            Chunked, backward recomputes one chunk at a time; maps and gradients are unchanged.
     """
 
-    def __init__(self, causal: bool = True, projector: Projector | None = None) -> None:
+    def __init__(self, causal: bool = True, projector: Projector | None = None,
+                 chunk_bytes: int = 32 * 2**20) -> None:
         self.causal = causal
         self.projector = projector
+        self.chunk_bytes = chunk_bytes
         self.plan: CapturePlan | None = None
         self.maps: dict[int, torch.Tensor] = {}
 
@@ -124,10 +132,20 @@ class AttentionCapture:
         assert plan is not None
         if self.projector is not None:
             query, key = self.projector(module, query, key)
-        self.maps[module.layer_idx] = attention_slice(
-            query, key, mask, plan, scaling=scaling,
-            causal=self.causal if is_causal is None else is_causal,
-        )
+        causal = self.causal if is_causal is None else is_causal
+        bsz, heads, n_rows, s_len = query.shape[0], query.shape[1], plan.rows.shape[1], key.shape[2]
+        per_row = bsz * heads * s_len * 4  # bytes of one row of the float32 scores
+        step = max(1, self.chunk_bytes // per_row)
+        if not torch.is_grad_enabled() or n_rows <= step:
+            self.maps[module.layer_idx] = attention_slice(query, key, mask, plan, scaling=scaling, causal=causal)
+            return
+        from torch.utils.checkpoint import checkpoint
+
+        parts = []
+        for i in range(0, n_rows, step):
+            sub = replace(plan, rows=plan.rows[:, i: i + step], row_valid=plan.row_valid[:, i: i + step])
+            parts.append(checkpoint(attention_slice, query, key, mask, sub, scaling, causal, use_reentrant=False))
+        self.maps[module.layer_idx] = torch.cat(parts, dim=2)
 
 
 def attention_slice(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, plan: CapturePlan,
