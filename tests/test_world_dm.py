@@ -123,10 +123,14 @@ def test_cli_train_dm_then_score_dm(tmp_path, capsys):
     assert main(["world", "train-dm", "--out", str(out), *tiny[:1], "2", *tiny[2:], "--resume"]) == 0
     assert json.loads((out / "train_info.json").read_text())["step"] == 2
     scores = tmp_path / "scores.json"
+    pair = "down_blocks.0.a0.attn2+up_blocks.1.a0.attn2"
     assert main(["world", "score-dm", "--dm", str(out / "pipeline"), "--n", "2", "--threads", "1",
-                 "--out", str(scores)]) == 0
+                 "--out", str(scores), "--combine", pair]) == 0
     table = json.loads(scores.read_text())["table"]
-    assert {"res16", "res8", "all"} <= set(table)
+    assert {"res16", "res8", "all", pair} <= set(table)
+    assert table[pair]["layers"] == 2 and table[pair]["sides"] == [16]
+    with pytest.raises(ValueError, match="not layers of this DM"):
+        main(["world", "score-dm", "--dm", str(out / "pipeline"), "--n", "2", "--combine", "mid_block+nope"])
     for row in table.values():
         for kind in ("colour", "shape"):
             assert row[kind]["n"] > 0 and row[kind]["ratio"] > 0 and 0 <= row[kind]["iou"] <= 1

@@ -99,6 +99,9 @@ def _add_train_dm(sub) -> None:
     s.add_argument("--out", default=None, help="write the result JSON here")
     s.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     s.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    s.add_argument("--combine", nargs="+", default=[], metavar="L1+L2",
+                   help="also score layer combinations: short layer names joined by '+', as the table names "
+                        "them (e.g. up_blocks.1.a0.attn2+up_blocks.0.a0.attn2)")
     s.set_defaults(run=_score_dm)
 
 
@@ -131,7 +134,8 @@ def _score_dm(args: argparse.Namespace) -> int:
     from lavender.world.dm import CHECKPOINT_DIR, format_table, score_dm
 
     torch.set_num_threads(args.threads)
-    result = score_dm(args.dm or CHECKPOINT_DIR, n=args.n, seed=args.seed, split=args.split, device=args.device)
+    result = score_dm(args.dm or CHECKPOINT_DIR, n=args.n, seed=args.seed, split=args.split, device=args.device,
+                      combine=[c.split("+") for c in args.combine])
     print(format_table(result))
     if args.out:
         with open(args.out, "w") as f:

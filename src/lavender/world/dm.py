@@ -34,6 +34,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,8 +77,8 @@ class DMConfig:
     latent_channels: int = 4
     text_width: int = 64
     # 0 = token + position embeddings only: no token carries the rest of the caption, so the UNet must
-    # attend to each word where its object is (a contextual encoder let it read the whole caption from
-    # the padding tokens, leaving word maps flat; docs/world_dm.md, "What was tried")
+    # attend to each word where its object is (with 2 causal layers the word maps stayed flat at every
+    # length tried; docs/world_dm.md, "What was tried")
     text_layers: int = 0
     kl_weight: float = 1e-6
     extra: dict = field(default_factory=dict)
@@ -196,9 +197,9 @@ def save_pipeline(parts: dict, tokenizer, out: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ training
-def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(n, H, W, 3) uint8 → (n, 3, H, W) float32 in [-1, 1] (Stage 1's pixel range)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def _images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n, H, W, 3) uint8 → (n, 3, H, W) float32 in [-1, 1] (Stage 1's pixel range) on ``device``."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _batch(cfg: DMConfig, phase: int, step: int):
@@ -276,7 +277,6 @@ class Trainer:
             self.vae.register_to_config(scaling_factor=state["scaling_factor"])
         alphas = self.parts["scheduler"].alphas_cumprod.float().to(self.device)
         self.sqrt_a, self.sqrt_1ma = alphas.sqrt(), (1 - alphas).sqrt()
-        self.uncond_ids = self._tokenize([""])
 
     @property
     def done(self) -> bool:
@@ -289,7 +289,7 @@ class Trainer:
 
     def vae_train_step(self) -> float:
         cfg, i = self.cfg, self.vae_step
-        x = _images_to_tensor(_batch(cfg, 0, i).images).to(self.device)
+        x = _images_to_tensor(_batch(cfg, 0, i).images, self.device)
         for g in self.vae_opt.param_groups:
             g["lr"] = _lr(cfg.vae_lr, i, cfg.vae_steps, min(cfg.warmup, cfg.vae_steps // 5 + 1))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
@@ -308,7 +308,7 @@ class Trainer:
     @torch.no_grad()
     def _set_scaling_factor(self) -> None:
         """SD's convention: scale latents to unit std (measured on 256 fixed scenes)."""
-        x = _images_to_tensor(sample_batch(np.random.default_rng([self.cfg.seed, 9]), 64).images).to(self.device)
+        x = _images_to_tensor(sample_batch(np.random.default_rng([self.cfg.seed, 9]), 64).images, self.device)
         std = float(self.vae.encode(x).latent_dist.mean.std())
         self.vae.register_to_config(scaling_factor=1.0 / std)
 
@@ -317,7 +317,7 @@ class Trainer:
         b = _batch(cfg, 1, i)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_000 + i)
         with torch.no_grad():
-            x = _images_to_tensor(b.images).to(self.device)
+            x = _images_to_tensor(b.images, self.device)
             z0 = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
         drop = torch.rand(len(b.captions), generator=gen) < cfg.uncond_prob
         ids = self._tokenize(["" if d else c for c, d in zip(b.captions, drop.tolist())])
@@ -458,11 +458,12 @@ class LayerMaps:
     Uses Stage 1's own model wrapper, framing, tokenisation, DDIM recipe, capture processor and word
     merging (``lavender.diffusion.extract``); only the accumulation is per layer. ``groups`` are the
     single layers (by short name), ``res<side>`` (the mean of that resolution's layers: what
-    ``--resolutions <side>`` averages) and ``all`` (every layer: ``--resolutions`` = all sides).
+    ``--resolutions <side>`` averages), ``all`` (every layer: ``--resolutions`` = all sides) and each
+    of ``combine`` (lists of short layer names, averaged: what ``--layers`` with several prefixes reads).
     """
 
     def __init__(self, dm: str | Path, steps: int = 10, inversion_steps: int = 5, map_size: int = 32,
-                 device: str = "cpu"):
+                 device: str = "cpu", combine: Sequence[Sequence[str]] = ()):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         from lavender.diffusion.capture import CaptureCrossAttnProcessor, cross_attention_sides
@@ -482,6 +483,12 @@ class LayerMaps:
         for side in sorted(set(self.sides.values()), reverse=True):
             self.groups[f"res{side}"] = [k for k in self.sides if self.sides[k] == side]
         self.groups["all"] = list(self.sides)
+        for names in combine:
+            unknown = [n for n in names if n not in self.groups or len(self.groups[n]) != 1]
+            if unknown:
+                raise ValueError(f"combine: {unknown} are not layers of this DM; its layers: "
+                                 f"{[_layer_name(k) for k in self.sides]}")
+            self.groups["+".join(names)] = [self.groups[n][0] for n in names]
 
     def word_maps(self, images: np.ndarray, captions: list[str]) -> dict[str, list[dict]]:
         """Raw (``normalize="none"``) word maps per group: ``{group: [{(start, end): (S, S) map}, ...]}``.
@@ -521,7 +528,7 @@ class LayerMaps:
 
 def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test", steps: int = 10,
              inversion_steps: int = 5, batch_size: int = 10, map_size: int = 32, threshold: float = 0.5,
-             progress: bool = True, device: str = "cpu") -> dict:
+             progress: bool = True, device: str = "cpu", combine: Sequence[Sequence[str]] = ()) -> dict:
     """Localisation of the DM's Stage-1 ``ddim`` maps on ``n`` held-out scenes, per layer and resolution.
 
     Scenes come from ``sample_batch(default_rng([seed, 77]), n, split)`` (never the training streams,
@@ -531,10 +538,11 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
     ``iou`` = :func:`thresholded_iou` at ``threshold``; ``ratio_other`` = mass ratio of the raw map on the
     scene's other objects (a map that binds the word scores ``ratio`` ≫ ``ratio_other``; a map that
     merely highlights every object scores them alike). Values are means over word occurrences.
+    ``combine`` adds rows for layer combinations (:class:`LayerMaps`).
     """
     from tqdm.auto import tqdm
 
-    lm = LayerMaps(dm, steps, inversion_steps, map_size, device)
+    lm = LayerMaps(dm, steps, inversion_steps, map_size, device, combine)
     acc: dict[str, dict[str, list[tuple[float, ...]]]] = {g: {k: [] for k in WORD_KINDS}
                                                                     for g in lm.groups}
     batch = sample_batch(np.random.default_rng([seed, 77]), n, split=split)
@@ -547,7 +555,7 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
             for k, (w, off, mask) in enumerate(zip(gt.words, gt.offsets, masks)):
                 kind = word_kind(w)
                 # the scene's OTHER objects: a word map that binds ranks its own object above them
-                others = [m for m, full in zip(gt.masks, gt.masks) if not np.array_equal(full, gt.masks[k])]
+                others = [m for m in gt.masks if not np.array_equal(m, gt.masks[k])]
                 other = downsample_masks(np.any(others, axis=0), map_size) if others else None
                 for g in lm.groups:
                     a = maps[g][j].get(tuple(off))
