@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lavender.cli import main as cli
-from lavender.world.demo import _accuracy, _checkpoint, _dm_stage1_args
+from lavender.config import AlignmentConfig, ExtractConfig, LavenderParser
+from lavender.diffusion.extract import run_extract
+from lavender.world.demo import accuracy, finetune, stage1_config, world_checkpoint
 from lavender.world.write import write_split
 
 
@@ -34,8 +35,14 @@ def subset(src: Path, n: int, dst: Path) -> Path:
     return dst
 
 
+def alignment_from_flags(align_on: str, extra: str = "") -> AlignmentConfig:
+    """The Lavender arm's :class:`AlignmentConfig`: ``--align-on`` plus alignment flags in ``--extra``."""
+    parser = LavenderParser([AlignmentConfig], prog="scaling.py --extra")
+    return parser.parse(["--align_on", align_on, *shlex.split(extra)])[0]
+
+
 def run_one(out: Path, vlm: str, train: Path, attn: Path | None, lam: float, steps: int, seed: int,
-            evals: dict[str, Path], batch_size: int, lr: float, align_on: str, extra: list[str] = ()) -> dict:
+            evals: dict[str, Path], batch_size: int, lr: float, alignment: AlignmentConfig) -> dict:
     """Train one configuration (cached) and score it on each eval split."""
     cache = out / "result.json"
     if cache.exists():
@@ -43,13 +50,9 @@ def run_one(out: Path, vlm: str, train: Path, attn: Path | None, lam: float, ste
     run_dir = out / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    args = ["train", "--model", vlm, "--data", str(train), "--out", str(run_dir), "--max_steps", str(steps),
-            "--per_device_train_batch_size", str(batch_size), "--learning_rate", str(lr), "--seed", str(seed),
-            "--lambda", str(lam), "--align_on", align_on, "--save_steps", str(10 * steps), "--disable_tqdm", "true"]
-    if attn is not None:
-        args += ["--attention", str(attn), *extra]
-    assert cli(args) == 0
-    result = {split: _accuracy(str(run_dir), path, out / f"eval_{split}")["accuracy"] for split, path in evals.items()}
+    finetune(vlm, train, run_dir, attn, lam, steps=steps, seed=seed, batch_size=batch_size, learning_rate=lr,
+             alignment=alignment, progress=False)
+    result = {split: accuracy(str(run_dir), path, out / f"eval_{split}")["accuracy"] for split, path in evals.items()}
     cache.write_text(json.dumps(result))
     shutil.rmtree(run_dir)  # keep the sweep's disk small; the scores are what is cached
     return result
@@ -71,23 +74,27 @@ def main() -> None:
     p.add_argument("--evals", nargs="+", default=["test", "ood"], choices=("validation", "test", "ood"),
                    help="splits the sweep scores (default test ood; validation for choosing among --name variants)")
     p.add_argument("--name", default="lavender", help="the Lavender arm's name in the cache and table")
-    p.add_argument("--extra", default="", help='more `lavender train` flags for the Lavender arm, e.g. '
+    p.add_argument("--extra", default="", help='alignment flags for the Lavender arm, e.g. '
                                                '"--aggregation mean-mean" (give it its own --name)')
     p.add_argument("--dm")
-    p.add_argument("--stage1", default="", help='Stage-1 flags instead of the DM checkpoint\'s choice, e.g. '
-                                                '"--resolutions 16 8 --layers up_blocks.1.attentions.0 '
+    p.add_argument("--stage1", default="", help='`lavender extract` flags instead of the DM checkpoint\'s '
+                                                'choice, e.g. "--resolutions 16 8 --modules up_blocks.1.attentions.0 '
                                                 'up_blocks.0.attentions.0" (use its own --out: maps are cached)')
     p.add_argument("--vlm")
     a = p.parse_args()
 
     out = Path(a.out)
     data = out / "data"
-    dm = _checkpoint(a.dm, "dm", "lavender world train-dm")
-    vlm = _checkpoint(a.vlm, "vlm_mllama", "lavender world train-vlm --arch mllama")
+    dm = world_checkpoint(a.dm, "dm", "lavender world train-dm")
+    vlm = world_checkpoint(a.vlm, "vlm_mllama", "lavender world train-vlm --arch mllama")
     full = write_split(data, "train", max(a.sizes), seed=0)
     attn = out / "attn"
-    assert cli(["extract", "--dm", dm, "--data", str(full), "--out", str(attn), "--recipe", "ddim",
-                *(shlex.split(a.stage1) or _dm_stage1_args(dm)), "--batch-size", "16"]) == 0
+    stage1 = stage1_config(dm, full, attn)
+    if a.stage1:  # the same parser as `lavender extract`, so the same flags
+        stage1 = LavenderParser([ExtractConfig], prog="scaling.py --stage1").parse(
+            ["--dm", dm, "--data", str(full), "--out", str(attn), "--batch-size", "16", *shlex.split(a.stage1)])[0]
+    run_extract(stage1)
+    lavender = alignment_from_flags(a.align_on, a.extra)
 
     if a.select:
         val = write_split(data, "validation", a.n_eval, seed=0)
@@ -100,7 +107,8 @@ def main() -> None:
                     continue
                 key = f"lambda{lam}_{align_on}"
                 rows[key] = run_one(out / "select" / key, vlm, train, attn if lam else None, lam, a.steps, 0,
-                                    {"validation": val}, a.batch_size, a.lr, align_on)["validation"]
+                                    {"validation": val}, a.batch_size, a.lr,
+                                    AlignmentConfig(align_on=align_on))["validation"]
                 print(f"{key}: validation {100 * rows[key]:.1f}")
         (out / "select.json").write_text(json.dumps(rows, indent=2))
         return
@@ -111,7 +119,7 @@ def main() -> None:
         train = subset(full, n, data / f"train_{n}.jsonl")
         for method, lam in (("ar", 0.0), (a.name, a.lam)):
             scores = [run_one(out / f"n{n}" / method / f"seed{s}", vlm, train, attn if lam else None, lam,
-                              a.steps, s, evals, a.batch_size, a.lr, a.align_on, shlex.split(a.extra))
+                              a.steps, s, evals, a.batch_size, a.lr, lavender)
                       for s in a.seeds]
             table[f"{n}/{method}"] = {split: {"mean": float(np.mean([x[split] for x in scores])),
                                               "std": float(np.std([x[split] for x in scores])),

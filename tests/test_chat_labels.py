@@ -11,6 +11,7 @@ from PIL import Image
 
 from lavender.attnstore import AttentionWriter
 from lavender.chat import IGNORE_INDEX, layout, to_conversation
+from lavender.config import AlignmentConfig
 from lavender.data_collator import LavenderCollator
 from lavender.records import read_records
 from lavender.words import split_words
@@ -49,7 +50,7 @@ def _write_records(tmp_path, answers: list[str], with_maps: bool = True):
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_labels_are_the_assistant_turn_only(tiny_vlm, tmp_path, arch: str, padding_side: str) -> None:
     from lavender.attnstore import AttentionStore
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
 
     model, proc, fam = load_vlm(tiny_vlm(arch))
     proc.tokenizer.padding_side = padding_side
@@ -82,12 +83,12 @@ def test_labels_are_the_assistant_turn_only(tiny_vlm, tmp_path, arch: str, paddi
 
 def test_query_rows_are_the_words_own_tokens(tiny_vlm, tmp_path) -> None:
     from lavender.attnstore import AttentionStore
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
 
     model, proc, fam = load_vlm(tiny_vlm("llava"))
     recs, attn = _write_records(tmp_path, ["a red circle"])
-    nxt = LavenderCollator(proc, fam, model.config, AttentionStore(attn), [0], row_owner="next")(recs)
-    qry = LavenderCollator(proc, fam, model.config, AttentionStore(attn), [0], row_owner="query")(recs)
+    nxt = LavenderCollator(proc, fam, model.config, AttentionStore(attn), [0], AlignmentConfig(row_owner="next"))(recs)
+    qry = LavenderCollator(proc, fam, model.config, AttentionStore(attn), [0], AlignmentConfig(row_owner="query"))(recs)
     rows_next = [w.rows for w in nxt["lavender"].rows.words[0]]
     rows_query = [w.rows for w in qry["lavender"].rows.words[0]]
     assert rows_query == [[r + 1 for r in rs] for rs in rows_next]
@@ -97,7 +98,7 @@ def test_query_rows_are_the_words_own_tokens(tiny_vlm, tmp_path) -> None:
 
 def test_record_without_maps_still_trains_lvlm(tiny_vlm, tmp_path) -> None:
     from lavender.attnstore import AttentionStore
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
 
     model, proc, fam = load_vlm(tiny_vlm("mllama"))
     recs, attn = _write_records(tmp_path, ["a red circle"], with_maps=False)
@@ -107,7 +108,7 @@ def test_record_without_maps_still_trains_lvlm(tiny_vlm, tmp_path) -> None:
 
 
 def test_layout_rejects_nothing_and_finds_regions(tiny_vlm) -> None:
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
 
     _, proc, _ = load_vlm(tiny_vlm("qwen2_vl"))
     lay = layout(proc, [{"role": "user", "content": "<image>What colour?"},
@@ -119,7 +120,7 @@ def test_layout_rejects_nothing_and_finds_regions(tiny_vlm) -> None:
 
 def test_unreadable_image_is_skipped_and_counted(tiny_vlm, tmp_path) -> None:
     from lavender.attnstore import AttentionStore
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
 
     model, proc, fam = load_vlm(tiny_vlm("llava"))
     recs, attn = _write_records(tmp_path, ["a red circle", "a blue square"])

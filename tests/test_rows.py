@@ -9,7 +9,6 @@ from lavender.vlm.families import families
 from lavender.vlm.rows import (
     batch_rows,
     candidate_tokens,
-    offsets_from_plain,
     rows_for_batch,
     sample_word_rows,
 )
@@ -17,6 +16,39 @@ from lavender.vlm.rows import (
 # "the dogs run, the dogs sit." tokenised by hand: "dogs" is two tokens (dog + s)
 TEXT = "the dogs run, the dogs sit."
 OFFSETS = [(0, 3), (4, 7), (7, 8), (9, 12), (12, 13), (14, 17), (18, 21), (21, 22), (23, 26), (26, 27)]
+
+
+# An independent oracle for the tests (the library's one path is lavender.chat.layout):
+def offsets_from_plain(tokenizer: object, texts: list[str], input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Character offsets into ``texts`` for a processor's ``input_ids``, robust to placeholder expansion.
+
+    Processors of LLaVA, Qwen2-VL and Idefics3 expand each image placeholder into many tokens in
+    the string before tokenising, so the offsets they return point into a string the caller never
+    sees. Here ``texts`` is tokenised plainly (no expansion, no added specials) and its tokens are
+    matched in order as a subsequence of ``input_ids``: every token the processor inserted
+    (expanded placeholders, BOS, padding) gets ``(0, 0)``, i.e. belongs to no word.
+
+    Raises:
+        ValueError naming the sample when a plain token cannot be found in order (a different
+        tokenisation, e.g. a text that is not the one the processor saw).
+    """
+    out = []
+    for b, text in enumerate(texts):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        plain, plain_off = enc["input_ids"], enc["offset_mapping"]
+        ids = input_ids[b].tolist()
+        offs = [(0, 0)] * len(ids)
+        j = 0
+        for i, tok in enumerate(ids):
+            if j < len(plain) and tok == plain[j]:
+                offs[i] = tuple(plain_off[j])
+                j += 1
+        if j < len(plain):
+            raise ValueError(f"sample {b}: token {j} of its text ({plain[j]}) was not found in input_ids in order; "
+                             "pass the exact text given to the processor")
+        out.append(offs)
+    return out
+
 
 
 def test_query_rows_are_the_words_own_tokens() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,8 @@ from PIL import Image
 
 from lavender.attnstore import AttentionWriter
 from lavender.cli import main as cli
-from lavender.trainer import LavenderArguments, build_trainer, lambda_at, load_head_state
+from lavender.config import AlignmentConfig, TrainConfig
+from lavender.trainer import build_trainer, lambda_at, load_head_state
 from lavender.words import split_words
 
 ARCHS = ["mllama", "llava", "qwen2_vl", "idefics3"]
@@ -46,12 +48,14 @@ def world(tmp_path_factory) -> dict:
     return {"data": str(root / "train.jsonl"), "attention": str(root / "attn")}
 
 
-def _args(tiny_vlm, world, out, arch="mllama", **kw) -> LavenderArguments:
+def _args(tiny_vlm, world, out, arch="mllama", **kw) -> tuple[TrainConfig, AlignmentConfig]:
     base = dict(model=tiny_vlm(arch), data=world["data"], attention=world["attention"], output_dir=str(out),
                 max_steps=2, per_device_train_batch_size=3, save_steps=1000, seed=0, lambda_att=10.0,
                 dataloader_num_workers=0, disable_tqdm=True, use_cpu=True)
     base.update(kw)
-    return LavenderArguments(**base)
+    align_names = {f.name for f in dataclasses.fields(AlignmentConfig)}
+    align = AlignmentConfig(**{k: base.pop(k) for k in list(base) if k in align_names})
+    return TrainConfig(**base), align
 
 
 def _batch(trainer):
@@ -69,7 +73,7 @@ def test_lambda_schedules_stay_within_zero_and_lambda() -> None:
 
 
 def test_lambda_zero_is_exactly_plain_sft(tiny_vlm, world, tmp_path) -> None:
-    trainer = build_trainer(_args(tiny_vlm, world, tmp_path, lambda_att=0.0))
+    trainer = build_trainer(*_args(tiny_vlm, world, tmp_path, lambda_att=0.0))
     assert trainer.head is None and trainer.capture is None  # capture off: nothing extra runs
     batch = _batch(trainer)
     assert "lavender" not in batch
@@ -80,7 +84,7 @@ def test_lambda_zero_is_exactly_plain_sft(tiny_vlm, world, tmp_path) -> None:
 
 
 def test_positive_lambda_adds_latt_and_changes_watched_layer_grads(tiny_vlm, world, tmp_path) -> None:
-    trainer = build_trainer(_args(tiny_vlm, world, tmp_path, lambda_att=10.0))
+    trainer = build_trainer(*_args(tiny_vlm, world, tmp_path, lambda_att=10.0))
     model = trainer.model
     batch = _batch(trainer)
     assert batch["lavender"].n_matched > 0
@@ -99,7 +103,7 @@ def test_positive_lambda_adds_latt_and_changes_watched_layer_grads(tiny_vlm, wor
     latt = trainer._acc["loss_att"][0]
     assert latt > 0
     assert l10 == pytest.approx(l0 + 10.0 * latt, rel=1e-5)
-    watched = [f"layers.{i}.cross_attn" for i in trainer.args.layer_list() or [1, 3]]
+    watched = [f"layers.{i}.cross_attn" for i in trainer.data_collator.layers]
     changed = [n for n in g10 if any(w in n for w in watched) and not torch.allclose(g10[n], g0[n])]
     assert changed, "L_att must reach the LoRA weights of the watched cross-attention layers"
 
@@ -108,7 +112,7 @@ def test_save_then_peft_from_pretrained_gives_same_outputs(tiny_vlm, world, tmp_
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    trainer = build_trainer(_args(tiny_vlm, world, tmp_path / "run", max_steps=2, learning_rate=1e-2))
+    trainer = build_trainer(*_args(tiny_vlm, world, tmp_path / "run", max_steps=2, learning_rate=1e-2))
     trainer.train()
     trainer.save_model(str(tmp_path / "run"))
     files = os.listdir(tmp_path / "run")
@@ -125,14 +129,14 @@ def test_save_then_peft_from_pretrained_gives_same_outputs(tiny_vlm, world, tmp_
         out = loaded(**batch).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # the project's loader restores the Aligner bit-for-bit
-    fresh = build_trainer(_args(tiny_vlm, world, tmp_path / "other"))
+    fresh = build_trainer(*_args(tiny_vlm, world, tmp_path / "other"))
     assert load_head_state(fresh.head, str(tmp_path / "run"))
     for (n, a), (_, b) in zip(trainer.head.state_dict().items(), fresh.head.state_dict().items()):
         assert torch.equal(a.cpu(), b), n
 
 
 def test_aligner_pretraining_freezes_the_vlm(tiny_vlm, world, tmp_path) -> None:
-    trainer = build_trainer(_args(tiny_vlm, world, tmp_path, max_steps=2, aligner_pretrain_steps=2,
+    trainer = build_trainer(*_args(tiny_vlm, world, tmp_path, max_steps=2, aligner_pretrain_steps=2,
                                   learning_rate=1e-2))
     lora0 = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
     head0 = {n: p.detach().clone() for n, p in trainer.head.named_parameters()}
@@ -163,12 +167,12 @@ def test_resume_continues_exactly(tiny_vlm, world, tmp_path) -> None:
 
 
 def test_missing_image_is_reported_and_skipped(tiny_vlm, world, tmp_path) -> None:
-    trainer = build_trainer(_args(tiny_vlm, world, tmp_path))
+    trainer = build_trainer(*_args(tiny_vlm, world, tmp_path))
     assert len(trainer.train_dataset) == len(CAPTIONS)
     assert [e.record_id for e in trainer.train_dataset.errors] == ["missing"]
     assert "not found" in str(trainer.train_dataset.errors[0])
     with pytest.raises(ValueError, match="missing"):
-        build_trainer(_args(tiny_vlm, world, tmp_path, strict=True))
+        build_trainer(*_args(tiny_vlm, world, tmp_path, strict=True))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -226,9 +230,11 @@ def test_two_process_cpu_training_with_accelerate(tiny_vlm, world, tmp_path) -> 
 
 @pytest.mark.parametrize("name", ["llama32_11b_lora.yaml", "llava15_7b_lora.yaml", "qwen2vl_7b_lora.yaml"])
 def test_shipped_example_configs_parse(name: str) -> None:
-    from lavender.cli import apply_config, build_parser
+    from lavender.config import LavenderParser
 
-    parser, _ = build_parser("train")
-    apply_config(parser, os.path.join(os.path.dirname(__file__), "..", "examples", name))
-    args = parser.parse_args([])
+    parser = LavenderParser([TrainConfig, AlignmentConfig], prog="lavender train")
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", name)
+    # flags override the file: the GPU configs ask for bf16, which this CPU cannot build
+    args, _ = parser.parse(["--config", path, "--bf16", "false", "--use_cpu"])
+    assert not args.bf16
     assert args.model and args.lambda_att == 10.0 and args.learning_rate == pytest.approx(1e-4)

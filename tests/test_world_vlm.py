@@ -45,7 +45,7 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
 def test_train_vlm_saves_a_loadable_model(trained):
     from transformers import AutoModelForImageTextToText
 
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
 
     assert not os.path.exists(os.path.join(trained, STATE_DIR)), "a finished run leaves no optimiser state"
     rows = [json.loads(x) for x in open(os.path.join(trained, "pretrain_metrics.jsonl"))]
@@ -104,7 +104,7 @@ def test_resume_rejects_another_recipe(tmp_path):
 
 
 def test_llava_trains_and_loads(tmp_path):
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
 
     out = str(tmp_path / "llava")
     r = Recipe(arch="llava", steps=2, batch_size=2, model=TINY, eval_n=4)
@@ -164,7 +164,7 @@ def test_exact_match_by_hand():
 def test_evaluate_vqa_batched_matches_single_generation(trained, tmp_path):
     """Two answers set to the model's own unpadded greedy output, two wrong: exactly 50 % under padding."""
     from lavender.chat import render
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
 
     model, processor, _ = load_vlm(trained)
     tok = processor.tokenizer
@@ -200,7 +200,7 @@ def test_committed_checkpoint_sees_colours(arch):
     from pathlib import Path
 
     from lavender.records import CAPTION_PROMPT
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
     from lavender.world.scenes import sample_batch
     from lavender.world.vlm import generate_answers
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lavender.config import ALIGNER_ACTS, ALIGNER_NORMS
+
 VARIANTS = {"light": 1, "sim": 2, "deep": 4, "mlp": 2}  # number of hidden (expanded) layers
-NORMS = ("instance", "batch")
-ACTS = ("relu6", "leakyrelu")
+NORMS = ALIGNER_NORMS
+ACTS = ALIGNER_ACTS
 
 
 def minmax(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -96,21 +96,24 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 # --- VLM word maps through the training code path --------------------------------------------------
 @torch.no_grad()
-def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence[Any], store: Any, *,
-                      layers: Sequence[int] | None = None, aggregation: str = "mean-mean",
-                      row_owner: str = "next", align_on: str = "answer", match: str = "exact",
-                      batch_size: int = 8) -> list[dict[str, Any]]:
+def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence[Any], store: Any,
+                      alignment: Any = None, *, batch_size: int = 8) -> list[dict[str, Any]]:
     """Per matched word of ``records``: ``{id, word, dm_index, vlm (S,S) raw, dm (S,S)}``.
 
-    ``vlm`` is the aggregated attention before any Aligner, heads averaged (``heads`` → mean).
+    Reads the VLM exactly as training does (the collator, the capture, ``alignment`` — a
+    :class:`lavender.config.AlignmentConfig`, default: its defaults with ``mean-mean``). ``vlm`` is
+    the aggregated attention before any Aligner, heads averaged (``heads`` → mean over heads).
     """
+    from lavender.config import AlignmentConfig
     from lavender.data_collator import LavenderCollator
-    from lavender.trainer import word_maps
+    from lavender.vlm.aggregate import matched_word_maps
     from lavender.vlm.backend import disable_capture, enable_capture
 
+    alignment = alignment or AlignmentConfig(aggregation="mean-mean")
+    aggregation = alignment.aggregation
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = list(layers or family.default_layers(base))
-    collator = LavenderCollator(processor, family, base.config, store, layers, row_owner, align_on, match)
+    layers = list(alignment.layer_list or family.default_layers(base))
+    collator = LavenderCollator(processor, family, base.config, store, layers, alignment)
     capture = enable_capture(model, family, layers=layers)
     out: list[dict[str, Any]] = []
     try:
@@ -123,7 +126,7 @@ def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence
                 continue
             capture.arm(align.plan)
             model(**{k: v for k, v in batch.items() if k != "labels"})
-            maps = word_maps(capture.maps, align, aggregation).mean(dim=1)  # (N, S, S)
+            maps = matched_word_maps(capture.maps, align, aggregation).mean(dim=1)  # (N, S, S)
             capture.clear()
             k = 0
             for b, words in enumerate(align.rows.words):

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from lavender.config import LavenderError, UsageError
+
 FORMAT = "lavender-attention"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -88,7 +90,7 @@ class AttentionWriter:
             if _comparable(old) != _comparable(manifest):
                 diff = sorted(k for k in set(old) | set(manifest)
                               if k not in VOLATILE_KEYS and old.get(k) != manifest.get(k))
-                raise ValueError(
+                raise UsageError(
                     f"{path} was written with different settings ({', '.join(diff)}); resuming would mix "
                     "incompatible maps. Use the same arguments, or a new --out folder."
                 )
@@ -202,7 +204,7 @@ class AttentionStore:
                                     "create one with `lavender extract` or import_authors_layout")
         self.manifest: dict = json.loads(path.read_text())
         if self.manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{self.root}: format version {self.manifest['format_version']} is newer than "
+            raise LavenderError(f"{self.root}: format version {self.manifest['format_version']} is newer than "
                              f"this lavender reads ({FORMAT_VERSION}); upgrade lavender")
         self._entries = read_shard_indexes(self.root)
         self._handles: OrderedDict[Path, Any] = OrderedDict()

@@ -1,14 +1,18 @@
 """The ``lavender`` command line.
 
-Each subcommand is a small module in :mod:`lavender.commands` with ``add_arguments(parser)`` and
-``main(args) -> int``; this file only dispatches, so importing it is cheap and ``--help`` is fast.
-Every subcommand accepts ``--config FILE.yaml``: its keys are the flags' names (dashes or
-underscores), flags given on the command line override it, and unknown keys are an error.
+Each subcommand is a small module in :mod:`lavender.commands` declaring ``CONFIGS`` (its
+dataclasses, from :mod:`lavender.config`) and ``main(*configs) -> int``; a command with
+sub-subcommands (``lavender data convert``) declares ``SUBCOMMANDS = {name: (help, CONFIGS, main)}``.
+This file only dispatches: modules are imported when their command runs, so ``--help`` is fast.
+
+Every command accepts ``--config FILE.yaml`` (keys: the flags' names, either spelling, or an
+alias; flags override it; unknown keys and bad values fail before anything loads) and ``--debug``.
+Expected failures print one line ``lavender <command>: error: <what and how to fix it>`` and exit
+2 (usage) or 1 (runtime); a traceback only with ``--debug`` or ``LAVENDER_DEBUG=1``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from collections.abc import Sequence
@@ -30,79 +34,75 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("lavender.commands.world", "recipes of the miniature world's models"),
 }
 
-
-class ConfigError(ValueError):
-    """A ``--config`` file that does not fit the command."""
-
-
-def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
-    """Load a YAML file as defaults of ``parser``; unknown keys raise naming the key and the file."""
-    import yaml
-
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of option names to values")
-    known = {a.dest for a in parser._actions}
-    defaults = {}
-    for key, value in cfg.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
-            raise ConfigError(f"{path}: unknown option {key!r} for this command (see --help)")
-        defaults[dest] = value
-    # a config satisfies required options, as flags would
-    for action in parser._actions:
-        if action.dest in defaults:
-            action.required = False
-    parser.set_defaults(**defaults)
+#: exceptions reported as one line (anything else is a bug and keeps its traceback)
+EXPECTED = (ValueError, OSError, ImportError, RuntimeError)
 
 
-def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
-    module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"lavender {name}", description=module.__doc__ or help_text,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
-    module.add_arguments(parser)
-    for action in parser._actions:  # sub-subcommands (``lavender data mix``) take --config too
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                if "--config" not in sub._option_string_actions:
-                    sub.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
-    return parser, module
+def _group_usage(prog: str, module: object) -> str:
+    subs = module.SUBCOMMANDS
+    width = max(map(len, subs))
+    lines = [f"  {n:<{width}}  {h}" for n, (h, _, _) in subs.items()]
+    return f"usage: {prog} {{{','.join(subs)}}} [options]\n\n{module.__doc__ or ''}\nrecipes:\n" + "\n".join(lines)
 
 
-def _chosen_subparser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
-    """The parser a config applies to: the sub-subcommand's (``lavender data mix``) if there is one."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for token in argv:
-                if token in action.choices:
-                    return action.choices[token]
-    return parser
+def resolve(name: str, argv: Sequence[str]) -> tuple[str, tuple[type, ...], object, object, str | None, list[str]]:
+    """``(prog, configs, main, defaults_hook, description, remaining argv)`` of a command line."""
+    from lavender.config import UsageError
+
+    module = importlib.import_module(COMMANDS[name][0])
+    prog = f"lavender {name}"
+    argv = list(argv)
+    subs = getattr(module, "SUBCOMMANDS", None)
+    if subs is None:
+        return prog, module.CONFIGS, module.main, getattr(module, "defaults", None), module.__doc__, argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_group_usage(prog, module))
+        raise SystemExit(0)
+    if argv[0] not in subs:
+        raise UsageError(f"unknown recipe {argv[0]!r}; choose one of {', '.join(subs)}")
+    help_text, configs, run = subs[argv[0]]
+    return f"{prog} {argv[0]}", configs, run, None, help_text, argv[1:]
 
 
 def run_command(name: str, argv: Sequence[str]) -> int:
     """Parse ``argv`` for subcommand ``name`` (honouring ``--config``) and run it in-process."""
-    parser, module = build_parser(name)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        try:
-            apply_config(_chosen_subparser(parser, argv), known.config)
-        except (ConfigError, OSError) as e:
-            parser.error(str(e))
-    args = parser.parse_args(argv)
-    return int(module.main(args) or 0)
+    from lavender.config import LavenderError, LavenderParser, UsageError, debug_requested, report_error
+
+    debug = debug_requested(argv) and name != "train" or debug_requested([])
+    prog = f"lavender {name}"
+    try:
+        prog, configs, run, defaults, description, rest = resolve(name, argv)
+        parser = LavenderParser(configs, prog=prog, description=description)
+        cfgs = parser.parse(rest, defaults=defaults)
+    except UsageError as e:
+        return report_error(prog, e, debug)
+    try:
+        return int(run(*cfgs) or 0)
+    except (LavenderError, *EXPECTED) as e:
+        return report_error(prog, e, debug)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # the console script: Ctrl-C ends with a line, not a traceback
+        try:
+            return _main(sys.argv[1:])
+        except KeyboardInterrupt:
+            print("lavender: interrupted", file=sys.stderr)
+            return 130
+    return _main(argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if argv and argv[0] == "--debug":  # ``lavender --debug train ...``: tracebacks for any command
+        import os
+
+        os.environ["LAVENDER_DEBUG"] = "1"
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, COMMANDS))
         lines = [f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items()]
-        print("usage: lavender COMMAND [--config FILE.yaml] [options]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: lavender COMMAND [--config FILE.yaml] [--debug] [options]\n\ncommands:\n" + "\n".join(lines))
         return 0
     if argv[0] in ("-V", "--version"):
         from lavender import __version__
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name = argv[0]
     if name not in COMMANDS:
-        print(f"lavender: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"lavender: error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     return run_command(name, argv[1:])
 

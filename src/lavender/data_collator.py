@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from lavender.chat import Layout, adds_special_tokens, label_positions, labels_for_batch, layout
+from lavender.config import AlignmentConfig
 from lavender.records import Record, load_image
 from lavender.vlm.aggregate import keys_from_grids
 from lavender.vlm.backend import CapturePlan
-from lavender.vlm.rows import ALIGN_ON, ROW_OWNERS, RowBatch, batch_rows, rows_for_batch
+from lavender.vlm.rows import RowBatch, batch_rows, rows_for_batch
 from lavender.words import match_words
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,10 @@ class LavenderCollator:
         family: the model's :class:`lavender.vlm.families.Family`.
         config: the model's config (image token id etc.).
         store: the attention dataset (:class:`lavender.attnstore.AttentionStore`) or ``None`` (plain SFT).
-        layers: watched layers put into each plan.
-        row_owner: ``next`` (row before each token: the paper's "predicted words") or ``query``.
-        align_on: ``answer`` (assistant words) or ``all`` (every text word after the image).
-        match: ``exact`` or ``lemma``.
+        layers: watched layers put into each plan (resolved: the family's default when the
+            alignment names none).
+        alignment: which rows and words are read and how they are paired with the DM's words
+            (:class:`lavender.config.AlignmentConfig`: ``row_owner``, ``align_on``, ``match``).
     """
 
     processor: Any
@@ -77,16 +78,11 @@ class LavenderCollator:
     config: Any
     store: Any = None
     layers: Sequence[int] = ()
-    row_owner: str = "next"
-    align_on: str = "answer"
-    match: str = "exact"
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.row_owner not in ROW_OWNERS:
-            raise ValueError(f"row_owner must be one of {ROW_OWNERS}, got {self.row_owner!r}")
-        if self.align_on not in ALIGN_ON:
-            raise ValueError(f"align_on must be one of {ALIGN_ON}, got {self.align_on!r}")
+        self.layers = list(self.layers)
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, records: Sequence[Record]) -> dict[str, Any]:
@@ -137,7 +133,8 @@ class LavenderCollator:
             [lay.text for lay in layouts],
             [_word_offsets(lay, off, input_ids.shape[1]) for lay, off in zip(layouts, offsets)],
             input_ids, self.family, self.config, attention_mask=batch["attention_mask"],
-            labels=batch["labels"], align_on=self.align_on, row_owner=self.row_owner)
+            labels=batch["labels"], align_on=self.alignment.align_on,
+            row_owner=self.alignment.row_owner)
         matched: list[list[Any]] = [[] for _ in recs]
         targets, target_index = [], []
         n_words = 0
@@ -147,7 +144,7 @@ class LavenderCollator:
             entry = self.store.get(rec.id) if (grids[b] is not None and words and rec.id in self.store) else None
             if entry is None:
                 continue
-            for w, j in zip(words, match_words([w.text for w in words], entry["words"], self.match)):
+            for w, j in zip(words, match_words([w.text for w in words], entry["words"], self.alignment.match)):
                 if j is not None:
                     matched[b].append(w)
                     target_index.append(j)

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lavender.config import QA_MODES, LavenderError
+
 CAPTION_PROMPT = "Describe the image."
 IMAGE_TAG = "<image>"
-QA_MODES = ("question+answer", "answer", "question")
 MIN_SIDE = 8  # a map is 32×32; an image under 8 px carries no spatial information worth aligning
 
 
-class RecordError(ValueError):
+class RecordError(LavenderError, ValueError):
     """A record that cannot be used, with where it is and what to do about it.
 
     Attributes:

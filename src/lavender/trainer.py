@@ -21,102 +21,28 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
+from lavender.config import (
+    LAMBDA_SCHEDULES,
+    RUN_FORMAT_VERSION,
+    AlignmentConfig,
+    LavenderError,
+    warn_ignored_alignment,
+)
 from lavender.loss import attention_loss
-from lavender.vlm.aggregate import aggregate
+from lavender.vlm.aggregate import matched_word_maps
+from lavender.vlm.load import load_vlm
 
 HEAD_WEIGHTS = "lavender_head.safetensors"
 HEAD_CONFIG = "lavender_head.json"
 RUN_CONFIG = "lavender_run.json"
 METRICS = "metrics.jsonl"
-SCHEDULES = ("constant", "exp-decay", "linear-warmup")
-
-
-@dataclass
-class LavenderArguments(TrainingArguments):
-    """Arguments of ``lavender train``: transformers' ``TrainingArguments`` plus the method's own.
-
-    Data and model:
-        model, data, attention, images_root
-    Fine-tuning:
-        lora (default) or full; lora_r, lora_alpha, lora_dropout, lora_target
-    The attention term:
-        lambda_att, lambda_schedule, lambda_decay_steps, lambda_warmup_steps, aligner_pretrain_steps,
-        aggregation, aligner, aligner_norm, aligner_act, match, layers, row_owner, align_on
-    Run control:
-        resume, strict
-
-    Changed defaults: ``output_dir`` is required (``--out``), ``remove_unused_columns=False`` (the
-    collator needs the whole record), ``logging_steps=1``, ``save_total_limit=2``, ``dataloader_pin_memory=False``,
-    ``save_strategy="steps"`` with ``save_steps=100``, ``learning_rate=1e-4`` (paper, Sec. 8),
-    ``lr_scheduler_type="constant"``.
-    """
-
-    model: str = field(default="", metadata={"help": "VLM checkpoint: a local folder or a hub id"})
-    data: str = field(default="", metadata={"help": "records (JSONL file or a saved HF dataset)"})
-    attention: str | None = field(default=None, metadata={
-        "help": "attention dataset from `lavender extract`; without it training is plain SFT"})
-    images_root: str | None = field(default=None, metadata={"help": "folder image paths are relative to"})
-    lora: bool = field(default=True, metadata={"help": "train a LoRA adapter (default); --full for full fine-tuning"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target: str | None = field(default=None, metadata={
-        "help": "regex (re.fullmatch on module names) of LoRA targets; default: the family's"})
-    lambda_att: float = field(default=10.0, metadata={
-        "help": "λ, weight of L_att (reductions: see module docs); 0 = plain autoregressive fine-tuning",
-        "aliases": ["--lambda"]})
-    lambda_schedule: Literal["constant", "exp-decay", "linear-warmup"] = field(default="constant", metadata={
-        "help": "λ over steps: constant, exp-decay (λ·exp(-step/decay_steps)), linear-warmup"})
-    lambda_decay_steps: int = field(default=1000, metadata={"help": "time constant of exp-decay"})
-    lambda_warmup_steps: int = field(default=100, metadata={"help": "steps of linear-warmup"})
-    aligner_pretrain_steps: int = field(default=0, metadata={
-        "help": "first P steps train only the Aligner (and learn projections) on L_att, the VLM frozen"})
-    aggregation: str = field(default="heads", metadata={
-        "help": "heads→map aggregation: heads (Aligner over heads-as-channels), mean-mean, mean-max, "
-                "max-mean, max-max, flow-mult, flow-sum, learn"})
-    aligner: Literal["light", "sim", "deep", "mlp"] = field(default="sim", metadata={"help": "Aligner variant"})
-    aligner_norm: Literal["instance", "batch"] = field(default="instance", metadata={"help": "Aligner norm"})
-    aligner_act: Literal["relu6", "leakyrelu"] = field(default="relu6", metadata={"help": "Aligner activation"})
-    match: Literal["exact", "lemma"] = field(default="exact", metadata={"help": "VLM↔DM word matching"})
-    layers: str | None = field(default=None, metadata={
-        "help": "comma-separated layer indices to watch; default: the family's (Mllama: all cross-attention)"})
-    row_owner: Literal["next", "query"] = field(default="next", metadata={
-        "help": "next: the row before a word's token (paper's predicted words); query: the word's own rows"})
-    align_on: Literal["answer", "all"] = field(default="answer", metadata={
-        "help": "align the answer's words, or every text word after the image"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --out"})
-    strict: bool = field(default=False, metadata={"help": "stop at the first bad record instead of skipping it"})
-
-    # changed defaults of TrainingArguments
-    output_dir: str | None = field(default=None, metadata={"help": "RUN_DIR (alias --out)", "aliases": ["--out"]})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "keep False: the collator needs records"})
-    logging_steps: float = field(default=1, metadata={"help": "log every N steps"})
-    save_steps: float = field(default=100, metadata={"help": "checkpoint every N steps"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (paper: 1e-4)"})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name"})
-    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept in RUN_DIR"})
-    dataloader_pin_memory: bool = field(default=False, metadata={"help": "pin host memory (GPU runs: true)"})
-
-    def __post_init__(self) -> None:
-        if not self.output_dir:
-            raise ValueError("--out RUN_DIR is required")
-        super().__post_init__()
-        if self.lambda_att < 0:
-            raise ValueError(f"--lambda must be >= 0, got {self.lambda_att}")
-        if self.lambda_schedule not in SCHEDULES:
-            raise ValueError(f"--lambda-schedule must be one of {SCHEDULES}")
-        if self.aligner_pretrain_steps and not self.attention:
-            raise ValueError("--aligner-pretrain-steps needs --attention (there is nothing to pre-train on)")
-
-    def layer_list(self) -> list[int] | None:
-        return [int(x) for x in str(self.layers).split(",") if x.strip()] if self.layers else None
+SCHEDULES = LAMBDA_SCHEDULES
 
 
 def lambda_at(step: int, lam: float, schedule: str = "constant", decay_steps: int = 1000,
@@ -170,13 +96,6 @@ def load_head_state(head: LavenderHead, run_dir: str) -> bool:
         return False
     head.load_state_dict(load_file(path))
     return True
-
-
-def word_maps(captured: dict[int, torch.Tensor], align: Any, aggregation: str) -> torch.Tensor:
-    """``(N, C, S, S)`` VLM maps of a batch's matched words, in the attention dataset's frame."""
-    per_sample = aggregate(captured, align.rows, align.grids, aggregation, attention_mask=align.attention_mask,
-                           frame=align.frame, size=align.targets.shape[-1])
-    return torch.cat(per_sample)
 
 
 class MetricsCallback(TrainerCallback):
@@ -272,7 +191,7 @@ class LavenderTrainer(Trainer):
         loss_att = self.head.zero_touch().to(output.logits.device)
         align = step["align"]
         if align is not None:
-            pred = self.head.aligner(word_maps(self.capture.maps, align, self.aggregation))  # (N, S, S)
+            pred = self.head.aligner(matched_word_maps(self.capture.maps, align, self.aggregation))  # (N, S, S)
             target = align.targets.to(pred.device, pred.dtype)  # PITFALLS #11: moved with the batch
             loss_att = loss_att + attention_loss(pred, target)[0]
         step["parts"] = (output.loss.detach(), loss_att.detach())
@@ -348,29 +267,6 @@ class LavenderTrainer(Trainer):
 
 
 # --- the whole run ----------------------------------------------------------------------------------
-def load_vlm(path: str, dtype: Any = None) -> tuple[nn.Module, Any, Any]:
-    """``(model, processor, family)`` of a VLM folder or hub id, or of a LoRA run folder (adapter applied)."""
-    from transformers import AutoModelForImageTextToText
-
-    from lavender.vlm.families import family_for_path
-
-    adapter_cfg = os.path.join(path, "adapter_config.json")
-    if os.path.exists(adapter_cfg):
-        from peft import PeftModel
-
-        with open(adapter_cfg) as f:
-            base_path = json.load(f)["base_model_name_or_path"]
-        family = family_for_path(base_path)
-        model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype)
-        model = PeftModel.from_pretrained(model, path)
-        proc_path = path if os.path.exists(os.path.join(path, "processor_config.json")) or \
-            os.path.exists(os.path.join(path, "preprocessor_config.json")) else base_path
-        return model, family.load_processor(proc_path), family
-    family = family_for_path(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    return model, family.load_processor(path), family
-
-
 class RecordDataset(torch.utils.data.Dataset):
     """The usable records of a file; bad ones are reported (and counted) up front, not mid-run."""
 
@@ -404,12 +300,15 @@ def last_checkpoint(run_dir: str) -> str | None:
     return get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
 
 
-def run_training(args: LavenderArguments) -> LavenderTrainer:
-    """Build everything from ``args``, train (resuming if asked) and save to ``args.output_dir``."""
+def run_training(args: Any, alignment: AlignmentConfig | None = None) -> LavenderTrainer:
+    """Build everything from ``args`` (a :class:`lavender.config.TrainConfig`) and ``alignment``,
+    train (resuming if asked) and save to ``args.output_dir`` with the run's config and model card."""
     import logging
 
     log = logging.getLogger("lavender.train")
-    trainer = build_trainer(args)
+    alignment = alignment or AlignmentConfig()
+    warn_ignored_alignment(args, alignment)
+    trainer = build_trainer(args, alignment)
     resume = last_checkpoint(args.output_dir) if args.resume else None
     if args.resume and resume is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
@@ -417,17 +316,62 @@ def run_training(args: LavenderArguments) -> LavenderTrainer:
     if args.should_save:
         with open(os.path.join(args.output_dir, RUN_CONFIG), "w") as f:
             run = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-            json.dump({**run, "world_size": args.world_size}, f, indent=2, default=str)
+            json.dump({"format_version": RUN_FORMAT_VERSION, **run, "world_size": args.world_size}, f,
+                      indent=2, default=str)
+        alignment.save(args.output_dir, resolved_layers=trainer.data_collator.layers)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     n_bad, n_skipped = len(trainer.train_dataset.errors), len(trainer.data_collator.skipped)
     if n_bad or n_skipped:
         log.warning("%d records skipped before training, %d while loading images", n_bad, n_skipped)
+    if args.should_save:
+        write_model_card(args, alignment, trainer)
     return trainer
 
 
-def build_trainer(args: LavenderArguments) -> LavenderTrainer:
-    """Model (+LoRA), head, capture, collator and trainer from ``args``, ready to ``train()``."""
+def write_model_card(args: Any, alignment: AlignmentConfig, trainer: LavenderTrainer) -> str:
+    """``RUN_DIR/README.md``: base model, data, the Lavender options and the final metrics (as PEFT/TRL do)."""
+    metrics = {}
+    path = os.path.join(args.output_dir, METRICS)
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [json.loads(ln) for ln in f if ln.strip()]
+        metrics = lines[-1] if lines else {}
+    mode = "LoRA" if args.lora else "full fine-tuning"
+    lam = f"λ = {args.lambda_att} ({args.lambda_schedule})" if args.uses_attention else "λ = 0 (plain autoregressive)"
+    rows = [("base model", args.model), ("records", args.data), ("attention dataset", args.attention or "—"),
+            ("fine-tuning", mode + (f", r = {args.lora_r}, alpha = {args.lora_alpha}" if args.lora else "")),
+            ("attention term", lam + (f", Aligner {args.aligner}/{args.aligner_norm}/{args.aligner_act}"
+                                      if args.uses_attention else "")),
+            *((k.replace("_", " "), ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+              for k, v in {**alignment.to_dict(), "layers": trainer.data_collator.layers}.items()),
+            ("steps", str(trainer.state.global_step)), ("learning rate", str(args.learning_rate)),
+            ("seed", str(args.seed)),
+            ("records skipped", str(len(trainer.train_dataset.errors) + len(trainer.data_collator.skipped)))]
+    final = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in metrics.items()
+             if k in ("step", "loss", "loss_vlm", "loss_att", "lambda", "match_rate")]
+    lines = ["---", "library_name: peft" if args.lora else "library_name: transformers",
+             f"base_model: {args.model}", "tags: [lavender, diffusion-instruction-tuning]", "---", "",
+             f"# {os.path.basename(os.path.abspath(args.output_dir))}", "",
+             "Fine-tuned with [Lavender](https://arxiv.org/abs/2502.06814) (diffusion instruction tuning): "
+             "L = L_VLM + λ·L_att.", "", "| setting | value |", "| --- | --- |",
+             *(f"| {k} | {v} |" for k, v in rows), ""]
+    if final:
+        lines += ["## Final logged metrics", "", "| metric | value |", "| --- | --- |",
+                  *(f"| {k} | {v} |" for k, v in final), ""]
+    if args.lora:
+        lines += ["## Use", "", "```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForImageTextToText",
+                  f'base = AutoModelForImageTextToText.from_pretrained("{args.model}")',
+                  f'model = PeftModel.from_pretrained(base, "{args.output_dir}")', "```", ""]
+    card = os.path.join(args.output_dir, "README.md")
+    with open(card, "w") as f:
+        f.write("\n".join(lines))
+    return card
+
+
+def build_trainer(args: Any, alignment: AlignmentConfig | None = None) -> LavenderTrainer:
+    """Model (+LoRA), head, capture, collator and trainer from ``args`` and ``alignment``, ready to ``train()``."""
     import logging
 
     from transformers import set_seed
@@ -438,19 +382,22 @@ def build_trainer(args: LavenderArguments) -> LavenderTrainer:
     from lavender.vlm.backend import enable_capture
 
     log = logging.getLogger("lavender.train")
+    alignment = alignment or AlignmentConfig()
     set_seed(args.seed)  # LoRA and the Aligner are initialised before the Trainer seeds anything
     dataset = RecordDataset(args.data, args.images_root, strict=args.strict)
     for err in dataset.errors:
         log.warning("skipped %s", err)
     if not len(dataset):
-        raise ValueError(f"{args.data}: no usable record ({len(dataset.errors)} bad)")
-    model, processor, family = load_vlm(args.model)
+        raise LavenderError(f"--data {args.data}: no usable record ({len(dataset.errors)} bad; the first: "
+                            f"{dataset.errors[0] if dataset.errors else 'the file is empty'})")
     store = None
-    if args.attention and args.lambda_att > 0:
+    if args.uses_attention:
         from lavender.attnstore import AttentionStore
 
         store = AttentionStore(args.attention)
-    layers = args.layer_list() or family.default_layers(model)
+    model, processor, family = load_vlm(args.model)
+    layers = alignment.layer_list or family.default_layers(model)
+    aggregation = alignment.aggregation
 
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -464,20 +411,19 @@ def build_trainer(args: LavenderArguments) -> LavenderTrainer:
     head = capture = None
     if store is not None:
         learn = None
-        if args.aggregation == "learn":
+        if aggregation == "learn":
             modules = family.attention_modules(_unwrap(model))
             learn = LearnedProjections({i: modules[i] for i in layers}).attach()
-        in_ch = _heads(model, family, layers) if args.aggregation == "heads" else 1
+        in_ch = _heads(model, family, layers) if aggregation == "heads" else 1
         aligner = Aligner(in_ch, args.aligner, args.aligner_norm, args.aligner_act)
-        head = LavenderHead(aligner, learn, config={**aligner.config, "aggregation": args.aggregation,
+        head = LavenderHead(aligner, learn, config={**aligner.config, "aggregation": aggregation,
                                                      "layers": layers})
         model.add_module("lavender_head", head)
         capture = enable_capture(model, family, layers=layers, projector=learn)
 
-    collator = LavenderCollator(processor, family, _unwrap(model).config, store, layers, args.row_owner,
-                                args.align_on, args.match)
+    collator = LavenderCollator(processor, family, _unwrap(model).config, store, layers, alignment)
     return LavenderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                           processing_class=processor, head=head, capture=capture, aggregation=args.aggregation,
+                           processing_class=processor, head=head, capture=capture, aggregation=aggregation,
                            callbacks=[MetricsCallback(os.path.join(args.output_dir, METRICS))])
 
 

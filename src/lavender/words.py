@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from lavender.config import MATCH_MODES
+
 # A word is a run of letters/digits/underscores, optionally joined by one internal '.', apostrophe or
 # hyphen ("e.g", "file_name", "don't", "x-ray"). Sentence punctuation is never part of a word.
 WORD_RE = re.compile(r"\w+(?:[.'’\-]\w+)*")
 
-MATCH_MODES = ("exact", "lemma")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ Without --model: statistics of the attention dataset alone (entropy of the DM ma
 the VLM's maps for the same records' matched words (the training code path, before any Aligner),
 their entropy, and their alignment with the DM maps (MSE after min–max, IoU at 0.5).
 
+With a `lavender train` RUN_DIR as --model, the layers, aggregation, row owner, words and matching
+the run was trained with (RUN_DIR/lavender_alignment.json) are the defaults; flags override them.
+
 Writes OUT/analysis.json, OUT/entropy.png and, with --model, OUT/word_maps.png.
 
 Example:
@@ -12,29 +15,23 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from typing import Any
 
 import numpy as np
 
+from lavender.config import AlignmentConfig, AnalyzeConfig, saved_alignment
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--attention", required=True, help="attention dataset (lavender extract)")
-    parser.add_argument("--data", help="records the maps belong to (needed with --model)")
-    parser.add_argument("--model", help="a VLM or RUN_DIR whose attention is compared with the DM's")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--limit", type=int, default=200, help="records to analyse")
-    parser.add_argument("--layers", help="comma-separated watched layers (default: the family's)")
-    parser.add_argument("--aggregation", default="mean-mean", help="head/layer pooling of the VLM maps")
-    parser.add_argument("--row-owner", default="next", choices=("next", "query"))
-    parser.add_argument("--align-on", default="answer", choices=("answer", "all"))
-    parser.add_argument("--match", default="exact", choices=("exact", "lemma"))
-    parser.add_argument("--figures", type=int, default=8, help="words shown in word_maps.png")
-    parser.add_argument("--batch-size", type=int, default=8)
+CONFIGS = (AnalyzeConfig, AlignmentConfig)
 
 
-def main(args: argparse.Namespace) -> int:
+def defaults(namespace: Any) -> dict[str, Any] | None:
+    """A run folder's saved alignment (layers, aggregation, …) is the default for its analysis."""
+    return saved_alignment(getattr(namespace, "model", None))
+
+
+def main(args: AnalyzeConfig, alignment: AlignmentConfig) -> int:
     from lavender.analysis import (
         alignment_stats,
         collect_word_maps,
@@ -53,20 +50,16 @@ def main(args: argparse.Namespace) -> int:
     result: dict = {"attention": args.attention, "examples": len(ids), "entropy_dm_all_words": summary(dm_entropy)}
     groups = {"DM": dm_entropy}
     if args.model:
-        if not args.data:
-            raise SystemExit("lavender analyze: --model needs --data (the records the maps belong to)")
         from lavender.records import RecordError, iter_records, load_image
-        from lavender.trainer import load_vlm
+        from lavender.vlm.load import load_vlm
 
         records = [r for r in iter_records(args.data) if not isinstance(r, RecordError) and r.id in store]
         records = records[: args.limit]
         model, processor, family = load_vlm(args.model)
         model.eval()
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-        rows = collect_word_maps(model, processor, family, records, store, layers=layers,
-                                 aggregation=args.aggregation, row_owner=args.row_owner, align_on=args.align_on,
-                                 match=args.match, batch_size=args.batch_size)
+        rows = collect_word_maps(model, processor, family, records, store, alignment, batch_size=args.batch_size)
         result["model"] = args.model
+        result["alignment_config"] = alignment.to_dict()
         result["alignment"] = alignment_stats(rows)
         groups = {"DM (matched words)": normalized_entropy(np.stack([r["dm"] for r in rows])) if rows else [],
                   "VLM": normalized_entropy(np.stack([r["vlm"] for r in rows])) if rows else []}

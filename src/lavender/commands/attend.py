@@ -1,8 +1,10 @@
 """A VLM's per-word 32×32 text→image attention maps for one image and text: see where a model looks.
 
 The text is placed as the assistant's answer to ``--prompt`` (the chat template of the model), and
-its words are read exactly as training reads them (``--row-owner``, ``--align-on``, ``--layers``,
-``--aggregation``, ``--frame``), so the maps are the ones Lavender would align.
+its words are read by training's own code path — the collator (chat layout, labels, word rows) and
+the capture — with ``--row-owner``, ``--align-on``, ``--layers``, ``--aggregation``, ``--frame``, so
+the maps are the ones Lavender would align. ``--model`` may be a `lavender train` RUN_DIR: the
+adapter is applied and the run's saved alignment is the default (flags override it).
 
 Example:
     lavender attend --model runs/llava --image cat.jpg --text "a cat on a red sofa" \\
@@ -15,80 +17,79 @@ rendered chat the model saw) and ``layers``.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
 import torch
 
-from lavender.aligner import minmax
-from lavender.vlm.aggregate import AGGREGATIONS, aggregate, keys_from_grids
-from lavender.vlm.backend import CapturePlan, disable_capture, enable_capture
-from lavender.vlm.rows import ALIGN_ON, ROW_OWNERS, offsets_from_plain, rows_for_batch
+from lavender.config import AlignmentConfig, AttendConfig, saved_alignment
+
+CONFIGS = (AttendConfig, AlignmentConfig)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="VLM folder or hub id")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--text", required=True, help="the text whose words get maps (the assistant's answer)")
-    parser.add_argument("--prompt", default="", help="the user's question before the answer (default: none)")
-    parser.add_argument("--out", required=True, help="output .npz")
-    parser.add_argument("--png", help="also write a figure: the image and one overlay per word")
-    parser.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
-                        help="comma-separated layer indices to watch (default: the family's default layers)")
-    parser.add_argument("--aggregation", default="mean-mean",
-                        choices=[a for a in AGGREGATIONS if a != "learn"],
-                        help="how heads and layers are pooled (default mean-mean)")
-    parser.add_argument("--frame", default="squash", choices=("squash", "pad", "center-crop"),
-                        help="the square frame the maps are drawn in (the attention dataset's frame)")
-    parser.add_argument("--row-owner", default="next", choices=ROW_OWNERS,
-                        help="next: the row before each word token (the paper's reading); query: its own rows")
-    parser.add_argument("--align-on", default="answer", choices=ALIGN_ON,
-                        help="answer: the --text words; all: every word after the image (prompt included)")
-    parser.add_argument("--normalize", default="minmax", choices=("minmax", "none"),
-                        help="per-map normalisation of the saved maps (minmax, like the attention dataset)")
+def defaults(namespace: Any) -> dict[str, Any] | None:
+    """A run folder's saved alignment is the default reading of its maps."""
+    return saved_alignment(getattr(namespace, "model", None))
 
 
-def compute_word_maps(model: Any, processor: Any, family: Any, image: Any, text: str, prompt: str = "", *,
-                      layers: list[int] | None = None, aggregation: str = "mean-mean", frame: str = "squash",
-                      row_owner: str = "next", align_on: str = "answer") -> tuple[list[Any], torch.Tensor, str]:
+class _AllWords:
+    """A one-example attention dataset whose words are every word of the texts (maps empty).
+
+    Given to the collator instead of a real dataset, it makes the collator keep every word that
+    training WOULD align (after ``align_on``/``row_owner``), with no DM involved.
+    """
+
+    def __init__(self, rec_id: str, texts: list[str], frame: str, size: int = 32) -> None:
+        from lavender.words import split_words
+
+        self.rec_id = rec_id
+        self.words = [w.text for t in texts for w in split_words(t)]
+        self.manifest = {"map_size": size, "frame": frame}
+        self.size = size
+
+    def __contains__(self, rec_id: str) -> bool:
+        return rec_id == self.rec_id
+
+    def get(self, rec_id: str) -> dict[str, Any]:
+        return {"words": self.words, "maps": np.zeros((len(self.words), self.size, self.size), np.float32)}
+
+
+def compute_word_maps(model: Any, processor: Any, family: Any, image_path: str, text: str, prompt: str = "",
+                      alignment: AlignmentConfig | None = None, frame: str = "squash",
+                      ) -> tuple[list[Any], torch.Tensor, str]:
     """``(words, maps (n_words, C, 32, 32), chat_text)`` of one image and answer text (library entry point).
 
-    ``words`` are :class:`lavender.vlm.rows.WordRows` with offsets into ``chat_text``.
+    ``words`` are :class:`lavender.vlm.rows.WordRows` with offsets into ``chat_text``, the chat the
+    model saw; the maps are read through :class:`lavender.data_collator.LavenderCollator`.
     """
-    content = [{"type": "image"}] + ([{"type": "text", "text": prompt}] if prompt else [])
-    messages = [{"role": "user", "content": content},
-                {"role": "assistant", "content": [{"type": "text", "text": text}]}]
-    full = processor.apply_chat_template(messages, tokenize=False)
-    start = full.rfind(text)
-    if start < 0:
-        raise ValueError(f"the chat template changed the text {text!r}; pass it as it would be rendered")
-    inputs = processor(images=[[image]], text=[full], return_tensors="pt")
-    ids = inputs["input_ids"]
-    offsets = offsets_from_plain(processor.tokenizer, [full], ids)
-    # labels: the answer's tokens (as a collator marks the assistant turn), from their offsets
-    labels = torch.full_like(ids, -100)
-    for i, (s, e) in enumerate(offsets[0]):
-        if e > s and s >= start and e <= start + len(text):
-            labels[0, i] = ids[0, i]
-    batch = rows_for_batch([full], offsets, ids, family, model.config, attention_mask=inputs.get("attention_mask"),
-                           labels=labels, align_on=align_on, row_owner=row_owner)
-    if not batch.words[0]:
-        return [], torch.zeros(0, 1, 32, 32), full
-    grids = family.image_grids(inputs, [[image.size]], model.config, processor)
-    keys, key_valid, chosen = keys_from_grids(grids, 1)
+    from lavender.chat import layout
+    from lavender.data_collator import LavenderCollator
+    from lavender.records import IMAGE_TAG, Record
+    from lavender.vlm.aggregate import matched_word_maps
+    from lavender.vlm.backend import disable_capture, enable_capture
+
+    alignment = alignment or AlignmentConfig(aggregation="mean-mean")
+    rec = Record(id="attend", index=0, images=[image_path],
+                 messages=[{"role": "user", "content": IMAGE_TAG + prompt}, {"role": "assistant", "content": text}])
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = list(alignment.layer_list or family.default_layers(base))
+    chat_text = layout(processor, rec.messages).text
+    collator = LavenderCollator(processor, family, base.config, _AllWords(rec.id, [prompt, text], frame),
+                                layers, alignment)
+    batch = collator([rec])
+    align = batch.pop("lavender")
+    if not align.n_matched:
+        return [], torch.zeros(0, 1, 32, 32), chat_text
     capture = enable_capture(model, family, layers)
-    watched = list(family.default_layers(model) if layers is None else layers)
     try:
-        capture.arm(CapturePlan(watched, batch.rows, batch.row_valid, keys, key_valid))
+        capture.arm(align.plan)
         with torch.no_grad():
-            model(**inputs)
-        maps = aggregate(capture.maps, batch, chosen, aggregation, attention_mask=inputs.get("attention_mask"),
-                         frame=frame)[0]
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+        maps = matched_word_maps(capture.maps, align, alignment.aggregation)
     finally:
         capture.clear()
         disable_capture(model, family)
-    return batch.words[0], maps, full
+    return align.rows.words[0], maps, chat_text
 
 
 def _framed_image(image: Any, frame: str, size: int = 256) -> np.ndarray:
@@ -129,29 +130,29 @@ def write_figure(path: str, image: Any, words: list[str], maps: np.ndarray, fram
     plt.close(fig)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: AttendConfig, alignment: AlignmentConfig) -> int:
     from PIL import Image
-    from transformers import AutoModelForImageTextToText
 
-    from lavender.vlm.families import family_for_path
+    from lavender.aligner import minmax
+    from lavender.vlm.load import load_vlm
 
-    family = family_for_path(args.model)
-    processor = family.load_processor(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
     try:
-        image = Image.open(args.image).convert("RGB")
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")
     except OSError as e:
-        raise SystemExit(f"--image {args.image}: cannot read it as an image ({e})") from None
-    words, maps, chat_text = compute_word_maps(model, processor, family, image, args.text, args.prompt, layers=args.layers,
-                                    aggregation=args.aggregation, frame=args.frame, row_owner=args.row_owner,
-                                    align_on=args.align_on)
+        raise OSError(f"--image {args.image}: cannot read it as an image ({e})") from None
+    model, processor, family = load_vlm(args.model)
+    model.eval()
+    words, maps, chat_text = compute_word_maps(model, processor, family, args.image, args.text, args.prompt,
+                                               alignment, frame=args.frame)
     flat = maps.mean(dim=1)  # (n_words, 32, 32): heads averaged for the file
     if args.normalize == "minmax" and len(words):
         flat = minmax(flat)
     arr = flat.float().numpy().astype(np.float32)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     np.savez(args.out, words=np.array([w.text for w in words], dtype=str), maps=arr,
              starts=np.array([w.start for w in words]), ends=np.array([w.end for w in words]),
-             chat_text=np.array(chat_text), layers=np.array(args.layers or family.default_layers(model)))
+             chat_text=np.array(chat_text), layers=np.array(alignment.layer_list or family.default_layers(base)))
     if args.png:
         write_figure(args.png, image, [w.text for w in words], arr, args.frame)
     print(f"{len(words)} word maps → {args.out}" + (f", figure → {args.png}" if args.png else ""))

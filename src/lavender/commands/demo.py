@@ -10,32 +10,14 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
+from lavender.config import DemoConfig
+
+CONFIGS = (DemoConfig,)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_out", help="output folder (reused: finished runs are kept)")
-    parser.add_argument("--quick", action="store_true", help="small sets and few steps (for tests)")
-    parser.add_argument("--dm", help="world diffusion pipeline (default: the committed checkpoint)")
-    parser.add_argument("--vlm", help="world VLM (default: the committed Mllama checkpoint)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, help="fine-tuning steps (default 300, quick 40)")
-    parser.add_argument("--lambda", dest="lambda_att", type=float, default=1.0,
-                        help="λ of the Lavender runs (default 1: chosen on the validation split)")
-    parser.add_argument("--align-on", default="answer", choices=("answer", "all"),
-                        help="words aligned in the Lavender runs (default answer: chosen on the validation split)")
-    parser.add_argument("--resolutions", type=int, nargs="+",
-                        help="DM cross-attention resolutions to average (default: the DM checkpoint's choice)")
-    parser.add_argument("--no-oracle", dest="oracle", action="store_false", help="skip the oracle-teacher run")
+def main(cfg: DemoConfig) -> int:
+    from lavender.world.demo import run_demo
 
-
-def main(args: argparse.Namespace) -> int:
-    from lavender.world.demo import DemoConfig, run_demo
-
-    cfg = DemoConfig(out=args.out, quick=args.quick, dm=args.dm, vlm=args.vlm, seed=args.seed,
-                     lambda_att=args.lambda_att, align_on=args.align_on, oracle=args.oracle, resolutions=args.resolutions)
-    if args.steps:
-        cfg.steps = args.steps
     run_demo(cfg)
     print(cfg.out + "/report.md")
     return 0

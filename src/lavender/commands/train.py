@@ -2,6 +2,10 @@
 
 Every ``TrainingArguments`` option is accepted too (``--per_device_train_batch_size``,
 ``--gradient_accumulation_steps``, ``--bf16``, ``--gradient_checkpointing``, ``--report_to`` …).
+What is aligned (``--layers``, ``--aggregation``, ``--row-owner``, ``--align-on``, ``--match``) is
+saved in RUN_DIR/lavender_alignment.json, which ``analyze`` and ``attend`` read back. For Python
+tracebacks of errors use ``lavender --debug train ...`` or LAVENDER_DEBUG=1 (``--debug`` itself is
+a TrainingArguments option).
 
 Examples:
     lavender train --model world/vlm --data train.jsonl --attention attn/ --out runs/lav --max-steps 200
@@ -11,27 +15,15 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import typing
+from typing import Any
 
-from lavender.trainer import LavenderArguments, run_training
+import lavender.config as config
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from transformers import HfArgumentParser
-
-    hints = typing.get_type_hints(LavenderArguments)
-    for f in dataclasses.fields(LavenderArguments):
-        if not f.init:
-            continue
-        f.type = hints[f.name]
-        HfArgumentParser._parse_dataclass_field(parser, f)
-    parser.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning instead of LoRA")
+CONFIGS = (config.TrainConfig, config.AlignmentConfig)
 
 
-def main(args: argparse.Namespace) -> int:
-    fields = {f.name for f in dataclasses.fields(LavenderArguments) if f.init}
-    kwargs = {k: v for k, v in vars(args).items() if k in fields}
-    run_training(LavenderArguments(**kwargs))
+def main(train: Any, alignment: config.AlignmentConfig) -> int:
+    from lavender.trainer import run_training
+
+    run_training(train, alignment)
     return 0

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lavender.attnstore import AttentionWriter, update_counts
+from lavender.config import DTYPE_NAMES, FRAMES, NORMALIZATIONS, RECIPES, ExtractConfig  # noqa: F401
 from lavender.diffusion.capture import AttentionAccumulator, cross_attention_sides, install_capture
 from lavender.diffusion.inversion import NoiseSchedule, run_ddim, run_nulltext
 from lavender.records import Record, RecordError, dm_text, iter_records, load_image
@@ -25,59 +26,10 @@ from lavender.words import split_words, word_token_spans
 
 log = logging.getLogger("lavender.extract")
 
-RECIPES = ("ddim", "nulltext")
-FRAMES = ("squash", "pad", "center-crop")
-NORMALIZATIONS = ("minmax", "none")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-DEFAULT_GUIDANCE = {"ddim": 1.0, "nulltext": 7.5}
+
 PAD_FILL = (0, 0, 0)
-
-
-@dataclass
-class ExtractConfig:
-    """Options of ``lavender extract`` (the CLI flags have the same names).
-
-    Model and data: ``dm``, ``data``, ``out``, ``images_root``, ``qa_text``.
-    Recipe: ``recipe`` (ddim | nulltext), ``steps``, ``inversion_steps`` (ddim), ``inner_steps``
-    (nulltext), ``guidance`` (None = 1.0 for ddim, 7.5 for nulltext).
-    Maps: ``map_size``, ``resolutions`` (attention-map side lengths averaged), ``frame``, ``normalize``.
-    Running: ``batch_size``, ``dtype``, ``device``, ``shard_size``, ``strict``, ``limit``.
-    """
-
-    dm: str
-    data: str
-    out: str
-    recipe: str = "ddim"
-    steps: int = 10
-    inversion_steps: int = 5
-    inner_steps: int = 5
-    guidance: float | None = None
-    map_size: int = 32
-    resolutions: list[int] = field(default_factory=lambda: [16, 32])
-    layers: list[str] | None = None  # module-name prefixes: read only these cross-attention modules
-    frame: str = "squash"
-    normalize: str = "minmax"
-    qa_text: str = "question+answer"
-    images_root: str | None = None
-    batch_size: int = 4
-    dtype: str = "fp32"
-    device: str | None = None
-    shard_size: int = 256
-    strict: bool = False
-    limit: int | None = None
-
-    def __post_init__(self) -> None:
-        for name, value, choices in (("recipe", self.recipe, RECIPES), ("frame", self.frame, FRAMES),
-                                     ("normalize", self.normalize, NORMALIZATIONS), ("dtype", self.dtype, DTYPES)):
-            if value not in choices:
-                raise ValueError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
-        if self.guidance is None:
-            self.guidance = DEFAULT_GUIDANCE[self.recipe]
-        if min(self.steps, self.inversion_steps, self.batch_size, self.map_size) < 1 or self.inner_steps < 0:
-            raise ValueError("--steps, --inversion-steps, --batch-size and --map-size must be ≥ 1, "
-                             "--inner-steps ≥ 0")
-        self.resolutions = sorted({int(r) for r in self.resolutions})
 
 
 # --------------------------------------------------------------------------------------- the model
@@ -211,7 +163,7 @@ class Extractor:
         self.dm = DiffusionModel(cfg.dm, device, DTYPES[cfg.dtype])
         self.sides = cross_attention_sides(self.dm.unet, self.dm.latent_side)
         self.store = AttentionAccumulator(cfg.resolutions, cfg.batch_size, self.dm.max_length, self.dm.device)
-        self.captured = install_capture(self.dm.unet, self.store, self.sides, cfg.layers)
+        self.captured = install_capture(self.dm.unet, self.store, self.sides, cfg.modules)
         self.dm.unet_calls = 0
         with torch.inference_mode():
             self.null_emb = self.dm.encode_text(self.dm.tokenize([""])["input_ids"])  # (1, 77, D)
@@ -274,11 +226,13 @@ def _batches(items: list, size: int):
         yield items[i: i + size]
 
 
-def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
+def run_extract(cfg: ExtractConfig, progress: bool | None = None) -> dict:
     """Run Stage 1 for this process's share of the records; returns the summary (all processes merged).
 
-    Raises :class:`RecordError` on the first bad record when ``cfg.strict``.
+    Raises :class:`RecordError` on the first bad record when ``cfg.strict``. ``progress`` overrides
+    ``cfg.progress`` (the bar).
     """
+    progress = cfg.progress if progress is None else progress
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm

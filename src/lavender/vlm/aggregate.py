@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lavender.config import AGGREGATIONS
 from lavender.vlm.families.base import ImageGrid
 from lavender.vlm.rows import RowBatch
 
 POOLS = ("mean-mean", "mean-max", "max-mean", "max-max")
-AGGREGATIONS = (*POOLS, "flow-mult", "flow-sum", "heads", "learn")
 #: floor of a probability before its log (softmax output can be exactly 0 on masked keys)
 _LOG_FLOOR = 1e-30
 
@@ -243,3 +243,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def matched_word_maps(captured: dict[int, torch.Tensor], align: Any, aggregation: str) -> torch.Tensor:
+    """``(N, C, S, S)`` VLM maps of a batch's matched words (a collator's ``AlignmentBatch``), in the
+    attention dataset's frame: what the Aligner sees in training and ``analyze`` reads."""
+    per_sample = aggregate(captured, align.rows, align.grids, aggregation, attention_mask=align.attention_mask,
+                           frame=align.frame, size=align.targets.shape[-1])
+    return torch.cat(per_sample)

@@ -27,10 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lavender.config import ALIGN_ON, ROW_OWNERS
 from lavender.words import Word, split_words, word_token_spans
-
-ROW_OWNERS = ("next", "query")
-ALIGN_ON = ("answer", "all")
 
 
 @dataclass
@@ -129,37 +127,6 @@ def batch_rows(words: Sequence[Sequence[WordRows]], device: torch.device | str |
         where = {r: i for i, r in enumerate(d)}
         columns.append([[where[r] for r in w.rows] for w in ws])
     return RowBatch([list(ws) for ws in words], rows.to(device), valid.to(device), columns)
-
-
-def offsets_from_plain(tokenizer: object, texts: Sequence[str], input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Character offsets into ``texts`` for a processor's ``input_ids``, robust to placeholder expansion.
-
-    Processors of LLaVA, Qwen2-VL and Idefics3 expand each image placeholder into many tokens in
-    the string before tokenising, so the offsets they return point into a string the caller never
-    sees. Here ``texts`` is tokenised plainly (no expansion, no added specials) and its tokens are
-    matched in order as a subsequence of ``input_ids``: every token the processor inserted
-    (expanded placeholders, BOS, padding) gets ``(0, 0)``, i.e. belongs to no word.
-
-    Raises:
-        ValueError naming the sample when a plain token cannot be found in order (a different
-        tokenisation, e.g. a text that is not the one the processor saw).
-    """
-    out = []
-    for b, text in enumerate(texts):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        plain, plain_off = enc["input_ids"], enc["offset_mapping"]
-        ids = input_ids[b].tolist()
-        offs = [(0, 0)] * len(ids)
-        j = 0
-        for i, tok in enumerate(ids):
-            if j < len(plain) and tok == plain[j]:
-                offs[i] = tuple(plain_off[j])
-                j += 1
-        if j < len(plain):
-            raise ValueError(f"sample {b}: token {j} of its text ({plain[j]}) was not found in input_ids in order; "
-                             "pass the exact text given to the processor")
-        out.append(offs)
-    return out
 
 
 def rows_for_batch(texts: Sequence[str], offsets: Sequence[Sequence[tuple[int, int]]], input_ids: torch.Tensor,

@@ -1,12 +1,13 @@
-"""``lavender demo``: the whole method on the miniature world, through the same commands users run.
+"""``lavender demo``: the whole method on the miniature world, through the library calls users' commands make.
 
 1. Scenes: a fine-tuning set (VQA), a test split, an out-of-distribution split, and an analysis set.
-2. Stage 1: ``lavender extract --recipe ddim`` with the world's diffusion model (committed checkpoint).
+2. Stage 1: :func:`lavender.diffusion.extract.run_extract` (``ddim``) with the world's diffusion
+   model, on the :class:`~lavender.config.ExtractConfig` its checkpoint recommends (``stage1.yaml``).
    Also an "oracle teacher": the ground-truth masks of the caption words written as an attention
    dataset.
-3. Stage 2: ``lavender train`` from the world's pre-trained VLM, twice on identical data, steps and
-   seed — AR (``--lambda 0``) and Lavender (``--lambda λ``) — and once with the oracle maps.
-4. ``lavender eval``-style scoring (exact match) on test and OOD; the majority-answer baseline.
+3. Stage 2: :func:`lavender.trainer.run_training` from the world's pre-trained VLM, twice on
+   identical data, steps and seed — AR (λ = 0) and Lavender (λ) — and once with the oracle maps.
+4. :func:`lavender.evaluate.evaluate` (exact match) on test and OOD; the majority-answer baseline.
 5. Analysis on held-out images: entropy of DM vs VLM maps, IoU of VLM attention with the true
    object, before and after fine-tuning; figures; ``report.md`` and ``results.json``.
 
@@ -19,62 +20,54 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lavender.config import AlignmentConfig, DemoConfig, ExtractConfig, LavenderError, config_from_file
+
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
+STAGE1_FILE = "stage1.yaml"  # beside a DM checkpoint: the ExtractConfig overrides it recommends
 
 
-@dataclass
-class DemoConfig:
-    """Settings of one demo run (the defaults are the documented demo; ``quick`` shrinks them)."""
-
-    out: str = "demo_out"
-    quick: bool = False
-    dm: str | None = None  # default: the committed world DM
-    vlm: str | None = None  # default: the committed world VLM (Mllama architecture)
-    seed: int = 0
-    n_train: int = 300
-    n_test: int = 300
-    n_ood: int = 300
-    n_analysis: int = 60
-    steps: int = 300
-    batch_size: int = 16
-    learning_rate: float = 2e-3  # the world VLM is trained from scratch: 1e-4 (the paper's, for Llama) is too low
-    # λ and align-on chosen on the VALIDATION split (experiments/scaling.py --select; docs/experiments.md)
-    lambda_att: float = 1.0
-    aggregation: str = "heads"
-    align_on: str = "answer"
-    resolutions: list[int] | None = None  # default: what the DM checkpoint's lavender_world_dm.json recommends
-    oracle: bool = True
-
-    def __post_init__(self) -> None:
-        if self.quick:
-            self.n_train, self.n_test, self.n_ood, self.n_analysis, self.steps = 96, 96, 96, 16, 40
-
-
-def _checkpoint(path: str | None, name: str, recipe: str) -> str:
+def world_checkpoint(path: str | None, name: str, recipe: str) -> str:
+    """``path``, or the committed world checkpoint ``name`` (made by ``recipe``)."""
     if path:
         return path
     p = CHECKPOINTS / name
     if not (p / "model_index.json").exists() and not (p / "config.json").exists():
-        raise FileNotFoundError(f"the world's {name} checkpoint is missing at {p}; make it with `{recipe}` "
-                                f"or pass a path")
+        raise LavenderError(f"the world's {name} checkpoint is missing at {p}; make it with `{recipe}` "
+                            f"or pass a path")
     return str(p)
 
 
-def _dm_stage1_args(dm: str) -> list[str]:
-    """Stage 1 flags a DM checkpoint recommends: for the world DM, the resolution and layer its
-    ground-truth localisation scores chose (``lavender_world_dm.json``); else Stage 1's defaults."""
-    path = Path(dm) / "lavender_world_dm.json"  # written by `lavender world train-dm`
-    if not path.exists():
-        return []
-    info = json.loads(path.read_text())
-    args = ["--resolutions", *map(str, info["stage1_resolutions"])]
-    return args + (["--layers", *info["stage1_layers"]] if info.get("stage1_layers") else [])
+def stage1_config(dm: str, data: str | Path, out: str | Path, **overrides: Any) -> ExtractConfig:
+    """The ``ddim`` Stage-1 config for ``dm``: its ``stage1.yaml`` recommendations (for the world DM, the
+    resolution and layer its ground-truth localisation scores chose), then ``overrides``."""
+    base = {"dm": dm, "data": str(data), "out": str(out), "recipe": "ddim", "batch_size": 16, **overrides}
+    path = Path(dm) / STAGE1_FILE
+    if path.exists() and "resolutions" not in overrides:
+        return config_from_file(ExtractConfig, str(path), **base)
+    return ExtractConfig(**base)
+
+
+def finetune(vlm: str, train: Path, run_dir: Path, attention: Path | None, lambda_att: float, *, steps: int,
+             seed: int, batch_size: int, learning_rate: float, alignment: AlignmentConfig,
+             progress: bool = True) -> Path:
+    """One Stage-2 run (λ = 0 or no attention: plain AR fine-tuning); a finished run is kept."""
+    from lavender.config import TrainConfig
+    from lavender.trainer import run_training
+
+    if not (run_dir / "adapter_model.safetensors").exists():
+        train_cfg = TrainConfig(model=vlm, data=str(train), output_dir=str(run_dir), max_steps=steps,
+                                per_device_train_batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                lambda_att=lambda_att, attention=str(attention) if attention else None,
+                                save_steps=10 * steps, logging_steps=1, disable_tqdm=not progress,
+                                dataloader_pin_memory=False)
+        run_training(train_cfg, alignment)
+    return run_dir
 
 
 def _log(msg: str) -> None:
@@ -115,9 +108,10 @@ def majority_accuracy(train: Path, split: Path) -> tuple[str, float]:
     return top, float(np.mean([a == top for a in ans]))
 
 
-def _accuracy(model_path: str, data: Path, out: Path) -> dict[str, Any]:
+def accuracy(model_path: str, data: Path, out: Path) -> dict[str, Any]:
+    """Exact-match accuracy (overall and per question type) of greedy answers on ``data``."""
     from lavender.evaluate import evaluate, write_results
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
 
     model, processor, _ = load_vlm(model_path)
     result = evaluate(model.eval(), processor, str(data), metric="exact", batch_size=32, max_new_tokens=4)
@@ -130,12 +124,12 @@ def _accuracy(model_path: str, data: Path, out: Path) -> dict[str, Any]:
 def _analysis_rows(model_path: str, records: list[Any], store: Any, root: Path, align_on: str) -> list[dict]:
     """VLM vs DM word maps on the analysis set, with each word's ground-truth mask."""
     from lavender.analysis import collect_word_maps
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
     from lavender.world.write import load_word_masks
 
     model, processor, family = load_vlm(model_path)
-    rows = collect_word_maps(model.eval(), processor, family, records, store, aggregation="mean-mean",
-                             align_on=align_on)
+    rows = collect_word_maps(model.eval(), processor, family, records, store,
+                             AlignmentConfig(aggregation="mean-mean", align_on=align_on))
     by_id = {r.id: r for r in records}
     raw = {json.loads(ln)["id"]: json.loads(ln) for ln in open(root / "analysis.jsonl")}
     for row in rows:
@@ -152,7 +146,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo end to end; returns (and writes) ``results.json``."""
     from lavender.analysis import iou, mass_ratio, normalized_entropy, plot_curves, plot_entropy_histograms
     from lavender.attnstore import AttentionStore
-    from lavender.cli import main as cli
+    from lavender.diffusion.extract import run_extract
     from lavender.records import read_records
     from lavender.world.write import write_split
 
@@ -160,8 +154,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     out = Path(cfg.out)
     data = out / "data"
-    dm = _checkpoint(cfg.dm, "dm", "lavender world train-dm")
-    vlm = _checkpoint(cfg.vlm, "vlm_mllama", "lavender world train-vlm --arch mllama")
+    dm = world_checkpoint(cfg.dm, "dm", "lavender world train-dm")
+    vlm = world_checkpoint(cfg.vlm, "vlm_mllama", "lavender world train-vlm --arch mllama")
 
     _log(f"1/5 scenes: {cfg.n_train} fine-tuning, {cfg.n_test} test, {cfg.n_ood} OOD, {cfg.n_analysis} analysis")
     train = write_split(data, "train", cfg.n_train, seed=cfg.seed)
@@ -173,11 +167,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["scenes_s"] = time.time() - t0
 
     t = time.time()
-    _log("2/5 Stage 1: lavender extract --recipe ddim (world DM)")
-    stage1 = ["--resolutions", *map(str, cfg.resolutions)] if cfg.resolutions else _dm_stage1_args(dm)
+    _log("2/5 Stage 1: run_extract, recipe ddim (world DM)")
+    overrides = {"resolutions": cfg.resolutions} if cfg.resolutions else {}
     for src, dst in ((train, out / "attn"), (analysis, out / "attn_analysis")):
-        assert cli(["extract", "--dm", dm, "--data", str(src), "--out", str(dst), "--recipe", "ddim",
-                    *stage1, "--batch-size", "16"]) == 0
+        summary = run_extract(stage1_config(dm, src, dst, **overrides))
+        _log(f"   {dst.name}: {summary['done']} done, {summary['skipped']} kept from before, "
+             f"{summary['failed']} failed")
     if cfg.oracle:
         oracle_attention(train, out / "attn_oracle")
     timings["extract_s"] = time.time() - t
@@ -186,19 +181,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     runs = {"ar": (None, 0.0), "lavender": (out / "attn", cfg.lambda_att)}
     if cfg.oracle:
         runs["oracle"] = (out / "attn_oracle", cfg.lambda_att)
+    alignment = AlignmentConfig(aggregation=cfg.aggregation, align_on=cfg.align_on)
     for name, (attn, lam) in runs.items():
-        _log(f"3/5 Stage 2: lavender train ({name}, λ={lam}, {cfg.steps} steps)")
-        run_dir = out / "runs" / name
-        if (run_dir / "adapter_model.safetensors").exists():
-            continue  # a finished run (the demo resumes)
-        args = ["train", "--model", vlm, "--data", str(train), "--out", str(run_dir), "--max_steps", str(cfg.steps),
-                "--per_device_train_batch_size", str(cfg.batch_size), "--learning_rate", str(cfg.learning_rate),
-                "--seed", str(cfg.seed), "--lambda", str(lam), "--aggregation", cfg.aggregation,
-                "--align_on", cfg.align_on, "--save_steps", str(10 * cfg.steps), "--logging_steps", "1",
-                "--disable_tqdm", "false", "--dataloader_pin_memory", "false"]
-        if attn is not None:
-            args += ["--attention", str(attn)]
-        assert cli(args) == 0
+        _log(f"3/5 Stage 2: run_training ({name}, λ={lam}, {cfg.steps} steps)")
+        finetune(vlm, train, out / "runs" / name, attn, lam, steps=cfg.steps, seed=cfg.seed,
+                 batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, alignment=alignment)
     timings["train_s"] = time.time() - t
 
     t = time.time()
@@ -210,7 +197,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         results[split]["majority_answer"] = answer
         for name, path_m in models.items():
             _log(f"4/5 eval {name} on {split}")
-            r = _accuracy(path_m, path, out / "eval" / f"{name}_{split}")
+            r = accuracy(path_m, path, out / "eval" / f"{name}_{split}")
             results[split][name] = r["accuracy"]
             results[split][f"{name}_by_type"] = r["by_type"]
     timings["eval_s"] = time.time() - t

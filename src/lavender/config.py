@@ -1,0 +1,649 @@
+"""One config system: a dataclass per command, one parser for flags and YAML, one error path.
+
+Every ``lavender`` command is its dataclasses plus ``main(*configs)``. :class:`LavenderParser`
+(built on transformers' public :class:`~transformers.HfArgumentParser`, as TRL's ``TrlParser`` is)
+turns a dataclass's fields into flags (``--field_name`` and ``--field-name``, plus the aliases in
+the field's metadata), reads ``--config FILE.yaml`` with THE SAME vocabulary (a key may be the
+field name, its dashed spelling or any alias: ``out`` and ``output_dir`` are one option), lets
+flags override the file, and fails at parse time — before any model or data loads — on an
+unknown key or a value outside its choices, naming the valid ones.
+
+Library functions take these objects directly (``run_extract(ExtractConfig(...))``,
+``run_training(TrainConfig(...), AlignmentConfig(...))``); the demo and ``experiments/`` build them
+in Python. Validation lives in each dataclass's ``__post_init__``, so a config built in code is
+checked exactly as one parsed from the command line.
+
+Option groups and the choice tables sit beside the dataclasses that use them; the modules that
+implement a choice (``lavender.vlm.aggregate`` for aggregations, …) import the table from here, and
+tests check that every listed choice is implemented.
+
+This module imports neither torch nor transformers at import time (``--help`` stays fast); the
+training config, a :class:`~transformers.TrainingArguments` subclass, is built on first use of
+``lavender.config.TrainConfig``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+log = logging.getLogger("lavender")
+
+#: version written into run folders (``lavender_run.json``, ``lavender_alignment.json``)
+RUN_FORMAT_VERSION = 1
+ALIGNMENT_FILE = "lavender_alignment.json"
+
+# --------------------------------------------------------------------------------- errors
+class LavenderError(Exception):
+    """An expected failure (missing model, bad path, unreadable dataset): one line, exit 1."""
+
+    exit_code = 1
+
+
+class UsageError(LavenderError, ValueError):
+    """A bad option value or combination: one line, exit 2 (as argparse's own usage errors)."""
+
+    exit_code = 2
+
+
+# --------------------------------------------------------------------------------- choice tables
+Aggregation = Literal["heads", "mean-mean", "mean-max", "max-mean", "max-max", "flow-mult", "flow-sum", "learn"]
+RowOwner = Literal["next", "query"]
+AlignOn = Literal["answer", "all"]
+MatchMode = Literal["exact", "lemma"]
+AlignerKind = Literal["light", "sim", "deep", "mlp"]
+AlignerNorm = Literal["instance", "batch"]
+AlignerAct = Literal["relu6", "leakyrelu"]
+LambdaSchedule = Literal["constant", "exp-decay", "linear-warmup"]
+Recipe = Literal["ddim", "nulltext"]
+Frame = Literal["squash", "pad", "center-crop"]
+Normalization = Literal["minmax", "none"]
+DType = Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"]
+QAText = Literal["question+answer", "answer", "question"]
+
+AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)
+ROW_OWNERS: tuple[str, ...] = typing.get_args(RowOwner)
+ALIGN_ON: tuple[str, ...] = typing.get_args(AlignOn)
+MATCH_MODES: tuple[str, ...] = typing.get_args(MatchMode)
+ALIGNERS: tuple[str, ...] = typing.get_args(AlignerKind)
+ALIGNER_NORMS: tuple[str, ...] = typing.get_args(AlignerNorm)
+ALIGNER_ACTS: tuple[str, ...] = typing.get_args(AlignerAct)
+LAMBDA_SCHEDULES: tuple[str, ...] = typing.get_args(LambdaSchedule)
+RECIPES: tuple[str, ...] = typing.get_args(Recipe)
+FRAMES: tuple[str, ...] = typing.get_args(Frame)
+NORMALIZATIONS: tuple[str, ...] = typing.get_args(Normalization)
+DTYPE_NAMES: tuple[str, ...] = typing.get_args(DType)
+QA_MODES: tuple[str, ...] = typing.get_args(QAText)
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+        aliases: Sequence[str] = (), **meta: Any) -> Any:
+    """A dataclass field with its ``--help`` text (and flag aliases) in the metadata."""
+    metadata = {"help": help, **meta}
+    if aliases:
+        metadata["aliases"] = list(aliases)
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class Checked:
+    """Mixin: ``check_choices()`` validates every ``Literal`` field, whatever built the object.
+
+    argparse checks choices of flags, but not of YAML values or of configs built in Python; this
+    runs in each config's ``__post_init__`` so all three paths fail the same way.
+    """
+
+    def check_choices(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            choices = _literal_choices(hints.get(f.name))
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise UsageError(f"{flag_name(f.name)} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+def _literal_choices(tp: Any) -> tuple | None:
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    for arg in typing.get_args(tp):  # Optional[Literal[...]]
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def parse_layers(value: Any, what: str = "--layers") -> list[int] | None:
+    """``"1,3"``, ``["1", "3"]``, ``[1, 3]`` or ``"1 3"`` → ``[1, 3]``; ``None``/empty → ``None``."""
+    if value is None or value == "" or value == []:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out: list[int] = []
+    for item in items:
+        for part in str(item).replace(",", " ").split():
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise UsageError(f"{what} {value!r}: give layer indices as integers, e.g. {what} 0,3") from None
+    if any(i < 0 for i in out):
+        raise UsageError(f"{what} {value!r}: layer indices must be >= 0")
+    return out or None
+
+
+# --------------------------------------------------------------------------------- alignment
+@dataclass
+class AlignmentConfig(Checked):
+    """Which VLM attention is read for which word and how it is paired with the DM's map.
+
+    One object shared by training (the collator and the attention term), ``analyze``, ``attend``
+    and the demo; a run folder saves it (``lavender_alignment.json``) so that analysis reads a run
+    exactly as it was trained.
+
+    Reading the VLM:
+        layers: watched layer indices (default: the family's; Mllama: every cross-attention layer).
+        aggregation: how heads and layers become one map (``heads`` keeps heads as channels for
+            the Aligner; ``learn`` adds trained q/k projections; the rest are pools).
+        row_owner: ``next`` — a word's map is the row that PREDICTS its token (the paper's
+            reading); ``query`` — the word's own rows.
+    Pairing with the DM:
+        align_on: ``answer`` — the assistant's words; ``all`` — every text word after the image.
+        match: ``exact`` (lower-case) or ``lemma`` (English lemma) word comparison.
+    """
+
+    layers: list[str] | None = opt(None, "watched layer indices, e.g. 0,3 or 0 3 (default: the family's)")
+    aggregation: Aggregation = opt("heads", "heads→map pooling: " + ", ".join(AGGREGATIONS))
+    row_owner: RowOwner = opt("next", "next: the row before a word's token (the paper's); query: its own rows")
+    align_on: AlignOn = opt("answer", "align the answer's words, or every text word after the image")
+    match: MatchMode = opt("exact", "VLM↔DM word matching: exact (lower-case) or lemma")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        self.layers = parse_layers(self.layers)
+
+    @property
+    def layer_list(self) -> list[int] | None:
+        return list(self.layers) if self.layers else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, run_dir: str, resolved_layers: Sequence[int] | None = None) -> str:
+        """Write ``run_dir/lavender_alignment.json`` (with the layers actually watched)."""
+        data = {"format_version": RUN_FORMAT_VERSION, **self.to_dict()}
+        if resolved_layers is not None:
+            data["layers"] = [int(i) for i in resolved_layers]
+        path = os.path.join(run_dir, ALIGNMENT_FILE)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str) -> AlignmentConfig | None:
+        """The alignment a run folder was trained with, or ``None`` when it has none."""
+        saved = saved_alignment(run_dir)
+        return None if saved is None else cls(**saved)
+
+
+def saved_alignment(run_dir: str | None) -> dict[str, Any] | None:
+    """The fields of ``run_dir``'s saved :class:`AlignmentConfig` (``None`` when it has none).
+
+    Also reads run folders written before this file existed (``lavender_run.json`` held the same
+    fields); a folder from a newer format version is refused with a clear message.
+    """
+    if not run_dir or not os.path.isdir(run_dir):
+        return None
+    path = os.path.join(run_dir, ALIGNMENT_FILE)
+    legacy = os.path.join(run_dir, "lavender_run.json")
+    if os.path.exists(path):
+        data = _read_json(path)
+    elif os.path.exists(legacy):
+        data = _read_json(legacy)
+        data.setdefault("format_version", 0)
+    else:
+        return None
+    version = int(data.get("format_version", 0))
+    if version > RUN_FORMAT_VERSION:
+        raise LavenderError(f"{run_dir}: run folder format {version} is newer than this Lavender "
+                            f"({RUN_FORMAT_VERSION}); upgrade lavender-vlm to read it")
+    names = {f.name for f in dataclasses.fields(AlignmentConfig)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LavenderError(f"{path}: cannot read it ({e})") from None
+    if not isinstance(data, dict):
+        raise LavenderError(f"{path}: expected a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------------- Stage 1
+@dataclass
+class ExtractConfig(Checked):
+    """Options of ``lavender extract`` (Stage 1). Recipes, costs and the format: docs/stage1.md.
+
+    Model and data: ``dm``, ``data``, ``out``, ``images_root``, ``qa_text``.
+    Recipe: ``recipe`` (ddim | nulltext), ``steps``, ``inversion_steps`` (ddim), ``inner_steps``
+    (nulltext), ``guidance`` (None = 1.0 for ddim, 7.5 for nulltext).
+    Maps: ``map_size``, ``resolutions`` (cross-attention sides averaged), ``modules`` (only these
+    cross-attention modules; flag ``--modules``, old spelling ``--layers``), ``frame``, ``normalize``.
+    Running: ``batch_size``, ``dtype``, ``device``, ``shard_size``, ``strict``, ``limit``.
+    """
+
+    dm: str = opt(dataclasses.MISSING, "diffusers Stable Diffusion folder or hub id (e.g. from `lavender tiny-dm`)")
+    data: str = opt(dataclasses.MISSING, "records JSONL (see docs/records.md)")
+    out: str = opt(dataclasses.MISSING, "attention dataset folder (created; reused to resume)")
+    recipe: Recipe = opt("ddim", "ddim (fast, default) or nulltext")
+    steps: int = opt(10, "denoising / DDIM grid steps")
+    inversion_steps: int = opt(5, "ddim: inversion steps")
+    inner_steps: int = opt(5, "nulltext: max optimisation steps per DDIM step")
+    guidance: float | None = opt(None, "classifier-free guidance scale (default: 1.0 for ddim, 7.5 for nulltext)")
+    map_size: int = opt(32, "side of the stored maps")
+    resolutions: list[int] = opt(help="side lengths of the UNet cross-attention maps to average",
+                                 factory=lambda: [16, 32])
+    modules: list[str] | None = opt(None, "only these cross-attention modules (name prefixes, e.g. down_blocks.0); "
+                                    "default: all at --resolutions. Old spelling: --layers", aliases=["--layers"])
+    frame: Frame = opt("squash", "how the image fills the DM's square")
+    normalize: Normalization = opt("minmax", "per-map normalisation")
+    qa_text: QAText = opt("question+answer", "DM text of conversation records without align_text")
+    images_root: str | None = opt(None, "folder relative image paths are relative to (default: the JSONL's folder)")
+    batch_size: int = opt(4, "images per UNet call")
+    dtype: DType = opt("fp32", "compute dtype")
+    device: str | None = opt(None, "torch device (default: accelerate's for this process)")
+    shard_size: int = opt(256, "examples per shard file")
+    strict: bool = opt(False, "stop with exit 1 at the first bad record")
+    limit: int | None = opt(None, "only the first N records")
+    progress: bool = opt(True, "show a progress bar (--no-progress to hide it)")
+    json: bool = opt(False, "print the summary as one JSON object")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        if self.guidance is None:
+            self.guidance = 1.0 if self.recipe == "ddim" else 7.5
+        if min(self.steps, self.inversion_steps, self.batch_size, self.map_size, self.shard_size) < 1 \
+                or self.inner_steps < 0:
+            raise UsageError("--steps, --inversion-steps, --batch-size, --map-size and --shard-size must be >= 1, "
+                             "--inner-steps >= 0")
+        if self.limit is not None and self.limit < 0:
+            raise UsageError(f"--limit must be >= 0, got {self.limit}")
+        self.resolutions = sorted({int(r) for r in self.resolutions})
+        if not self.resolutions or min(self.resolutions) < 1:
+            raise UsageError(f"--resolutions {self.resolutions}: give positive map sides, e.g. 16 32")
+        self.modules = list(self.modules) if self.modules else None
+
+    @property
+    def layers(self) -> list[str] | None:  # the old name, kept for one release
+        return self.modules
+
+
+# --------------------------------------------------------------------------------- Stage 2
+_TRAIN_CONFIG: type | None = None
+
+
+def _train_config() -> type:
+    """Build :class:`TrainConfig` (a ``TrainingArguments`` subclass) on first use: it imports torch."""
+    global _TRAIN_CONFIG
+    if _TRAIN_CONFIG is not None:
+        return _TRAIN_CONFIG
+    from transformers import TrainingArguments
+
+    @dataclass
+    class TrainConfig(TrainingArguments, Checked):
+        """Options of ``lavender train``: transformers' ``TrainingArguments`` plus the method's own.
+
+        Data and model: ``model``, ``data``, ``attention``, ``images_root``.
+        Fine-tuning: ``lora`` (default; ``--full`` for full fine-tuning), ``lora_r``, ``lora_alpha``,
+        ``lora_dropout``, ``lora_target``.
+        The attention term: ``lambda_att`` (``--lambda``), ``lambda_schedule``, ``lambda_decay_steps``,
+        ``lambda_warmup_steps``, ``aligner_pretrain_steps``, ``aligner``, ``aligner_norm``,
+        ``aligner_act``. What is aligned (layers, aggregation, rows, words) is the separate
+        :class:`AlignmentConfig`.
+        Run control: ``resume``, ``strict``.
+
+        Changed defaults: ``output_dir`` is required (``--out``), ``remove_unused_columns=False`` (the
+        collator needs the whole record), ``logging_steps=1``, ``save_total_limit=2``,
+        ``dataloader_pin_memory=False``, ``save_steps=100``, ``learning_rate=1e-4`` (the paper's),
+        ``lr_scheduler_type="constant"``.
+        """
+
+        model: str = opt("", "VLM checkpoint: a local folder or a hub id")
+        data: str = opt("", "records (JSONL file or a saved HF dataset)")
+        attention: str | None = opt(None, "attention dataset from `lavender extract`; without it training is plain SFT")
+        images_root: str | None = opt(None, "folder image paths are relative to")
+        lora: bool = opt(True, "train a LoRA adapter (default); --full for full fine-tuning")
+        lora_r: int = opt(16, "LoRA rank")
+        lora_alpha: int = opt(32, "LoRA alpha")
+        lora_dropout: float = opt(0.05, "LoRA dropout")
+        lora_target: str | None = opt(None, "regex (re.fullmatch on module names) of LoRA targets; default: the family's")
+        lambda_att: float = opt(10.0, "λ, weight of L_att (see docs/training.md for the reductions); "
+                                "0 = plain autoregressive fine-tuning", aliases=["--lambda"])
+        lambda_schedule: LambdaSchedule = opt("constant", "λ over steps: constant, exp-decay "
+                                              "(λ·exp(-step/decay_steps)), linear-warmup")
+        lambda_decay_steps: int = opt(1000, "time constant of exp-decay")
+        lambda_warmup_steps: int = opt(100, "steps of linear-warmup")
+        aligner_pretrain_steps: int = opt(0, "first P steps train only the Aligner (and learn projections) on "
+                                          "L_att, the VLM frozen")
+        aligner: AlignerKind = opt("sim", "Aligner variant")
+        aligner_norm: AlignerNorm = opt("instance", "Aligner normalisation")
+        aligner_act: AlignerAct = opt("relu6", "Aligner activation")
+        resume: bool = opt(False, "continue from the last complete checkpoint in --out")
+        strict: bool = opt(False, "stop at the first bad record instead of skipping it")
+
+        # changed defaults of TrainingArguments
+        output_dir: str | None = opt(None, "RUN_DIR (alias --out)", aliases=["--out"])
+        remove_unused_columns: bool = opt(False, "keep False: the collator needs records")
+        logging_steps: float = opt(1, "log every N steps")
+        save_steps: float = opt(100, "checkpoint every N steps")
+        learning_rate: float = opt(1e-4, "peak learning rate (paper: 1e-4)")
+        lr_scheduler_type: str = opt("constant", "transformers scheduler name")
+        save_total_limit: int | None = opt(2, "checkpoints kept in RUN_DIR")
+        dataloader_pin_memory: bool = opt(False, "pin host memory (GPU runs: true)")
+
+        extra_flags: typing.ClassVar = (
+            (("--full",), {"dest": "lora", "action": "store_false", "help": "full fine-tuning instead of LoRA"}),)
+
+        def __post_init__(self) -> None:
+            if not self.output_dir:
+                raise UsageError("--out RUN_DIR is required")
+            if not self.model:
+                raise UsageError("--model is required (a VLM folder, hub id or `lavender tiny-vlm` output)")
+            if not self.data:
+                raise UsageError("--data is required (records JSONL, see docs/records.md)")
+            self.check_choices()
+            if self.lambda_att < 0:
+                raise UsageError(f"--lambda must be >= 0, got {self.lambda_att}")
+            if self.aligner_pretrain_steps and not self.attention:
+                raise UsageError("--aligner-pretrain-steps needs --attention (there is nothing to pre-train on)")
+            super().__post_init__()
+
+        @property
+        def uses_attention(self) -> bool:
+            return bool(self.attention) and self.lambda_att > 0
+
+    TrainConfig.__module__ = __name__
+    TrainConfig.__qualname__ = "TrainConfig"
+    _TRAIN_CONFIG = TrainConfig
+    return TrainConfig
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: ``lavender.config.TrainConfig`` without importing torch early
+    if name == "TrainConfig":
+        return _train_config()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def warn_ignored_alignment(train: Any, align: AlignmentConfig) -> None:
+    """Warn once when alignment options were set but the attention term will not run."""
+    defaults = AlignmentConfig()
+    changed = [f.name for f in dataclasses.fields(align) if getattr(align, f.name) != getattr(defaults, f.name)]
+    if changed and not train.uses_attention:
+        why = "no --attention was given" if not train.attention else "--lambda is 0"
+        warnings.warn(f"{', '.join(flag_name(c) for c in changed)} will be ignored: {why}", stacklevel=2)
+
+
+# --------------------------------------------------------------------------------- analysis and tools
+@dataclass
+class AnalyzeConfig(Checked):
+    """Options of ``lavender analyze``; the alignment comes from the run folder unless given."""
+
+    attention: str = opt(dataclasses.MISSING, "attention dataset (lavender extract)")
+    out: str = opt(dataclasses.MISSING, "output folder")
+    data: str | None = opt(None, "records the maps belong to (needed with --model)")
+    model: str | None = opt(None, "a VLM or RUN_DIR whose attention is compared with the DM's")
+    limit: int = opt(200, "records to analyse")
+    figures: int = opt(8, "words shown in word_maps.png")
+    batch_size: int = opt(8, "records per forward pass")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        if self.model and not self.data:
+            raise UsageError("--model needs --data (the records the maps belong to)")
+        if self.limit < 1 or self.batch_size < 1:
+            raise UsageError("--limit and --batch-size must be >= 1")
+
+
+@dataclass
+class AttendConfig(Checked):
+    """Options of ``lavender attend``: one image and text, the maps training would align."""
+
+    model: str = opt(dataclasses.MISSING, "VLM folder, hub id or a `lavender train` RUN_DIR")
+    image: str = opt(dataclasses.MISSING, "image file")
+    text: str = opt(dataclasses.MISSING, "the text whose words get maps (the assistant's answer)")
+    out: str = opt(dataclasses.MISSING, "output .npz")
+    prompt: str = opt("", "the user's question before the answer (default: none)")
+    png: str | None = opt(None, "also write a figure: the image and one overlay per word")
+    frame: Frame = opt("squash", "the square frame the maps are drawn in (the attention dataset's frame)")
+    normalize: Normalization = opt("minmax", "per-map normalisation of the saved maps")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+
+
+@dataclass
+class DemoConfig(Checked):
+    """Options of ``lavender demo`` (the defaults are the documented demo; ``quick`` shrinks it)."""
+
+    out: str = opt("demo_out", "output folder (reused: finished runs are kept)")
+    quick: bool = opt(False, "small sets and few steps (for tests)")
+    dm: str | None = opt(None, "world diffusion pipeline (default: the committed checkpoint)")
+    vlm: str | None = opt(None, "world VLM (default: the committed Mllama checkpoint)")
+    seed: int = opt(0, "seed of scenes, weights and data order")
+    n_train: int = opt(300, "fine-tuning records")
+    n_test: int = opt(300, "test records")
+    n_ood: int = opt(300, "out-of-distribution records")
+    n_analysis: int = opt(60, "held-out analysis records")
+    steps: int = opt(300, "fine-tuning steps (quick: 40)")
+    batch_size: int = opt(16, "fine-tuning batch size")
+    # the world VLM is trained from scratch: 1e-4 (the paper's, for Llama) is too low
+    learning_rate: float = opt(2e-3, "fine-tuning learning rate")
+    # λ and align-on chosen on the VALIDATION split (experiments/scaling.py --select; docs/experiments.md)
+    lambda_att: float = opt(1.0, "λ of the Lavender runs (chosen on the validation split)", aliases=["--lambda"])
+    aggregation: Aggregation = opt("heads", "aggregation of the Lavender runs")
+    align_on: AlignOn = opt("answer", "words aligned in the Lavender runs (chosen on the validation split)")
+    resolutions: list[int] | None = opt(None, "DM cross-attention resolutions (default: the DM checkpoint's choice)")
+    oracle: bool = opt(True, "also run the oracle teacher (--no-oracle to skip)")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        if self.quick:  # shrink what was left at its default (``--quick --steps 60`` keeps 60 steps)
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name, small in (("n_train", 96), ("n_test", 96), ("n_ood", 96), ("n_analysis", 16), ("steps", 40)):
+                if getattr(self, name) == defaults[name]:
+                    setattr(self, name, small)
+        if min(self.n_train, self.n_test, self.n_ood, self.n_analysis, self.steps, self.batch_size) < 1:
+            raise UsageError("--n-train, --n-test, --n-ood, --n-analysis, --steps and --batch-size must be >= 1")
+        if self.lambda_att < 0:
+            raise UsageError(f"--lambda must be >= 0, got {self.lambda_att}")
+
+
+# --------------------------------------------------------------------------------- the parser
+def _hf_parser_class() -> type:
+    from transformers import HfArgumentParser
+
+    class _Parser(HfArgumentParser):
+        @staticmethod
+        def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+            if field.metadata.get("positional"):  # ``lavender inspect ATTN_DIR``; required unless YAML gives it
+                is_list = typing.get_origin(field.type) is list or list in map(typing.get_origin,
+                                                                                typing.get_args(field.type))
+                kwargs = {"help": field.metadata.get("help"), "metavar": field.metadata.get("metavar", field.name.upper()),
+                          "nargs": "*" if is_list else "?",
+                          "default": None if field.default is dataclasses.MISSING else field.default}
+                parser.add_argument(field.name, **kwargs)
+                return
+            HfArgumentParser._parse_dataclass_field(parser, field)
+
+    return _Parser
+
+
+class LavenderParser:
+    """Flags + ``--config FILE.yaml`` → dataclass instances, validated before anything loads.
+
+    Precedence, lowest first: the dataclass defaults, ``defaults`` (e.g. a run folder's saved
+    alignment), the YAML file, the flags.
+    """
+
+    def __init__(self, dataclass_types: Sequence[type], prog: str, description: str | None = None) -> None:
+        self.dataclass_types = list(dataclass_types)
+        self.prog = prog
+        self.parser = _hf_parser_class()(self.dataclass_types, prog=prog, description=description,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        for dtype in self.dataclass_types:
+            for flags, kwargs in getattr(dtype, "extra_flags", ()):
+                self.parser.add_argument(*flags, **kwargs)
+        self.parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
+        if "--debug" not in self.parser._option_string_actions:  # TrainingArguments has its own --debug
+            self.parser.add_argument("--debug", action="store_true",
+                                     help="show Python tracebacks of errors (also: LAVENDER_DEBUG=1)")
+
+    # -- the vocabulary -------------------------------------------------------------------------
+    def _action_for(self, key: str) -> argparse.Action | None:
+        key = str(key)
+        for spelling in (f"--{key}", f"--{key.replace('-', '_')}", f"--{key.replace('_', '-')}"):
+            action = self.parser._option_string_actions.get(spelling)
+            if action is not None:
+                return action
+        for action in self.parser._actions:  # positionals
+            if not action.option_strings and action.dest == key.replace("-", "_"):
+                return action
+        return None
+
+    def dict_to_defaults(self, values: dict[str, Any], source: str) -> dict[str, Any]:
+        """Map option names (any spelling or alias) to dataclass fields; unknown keys raise."""
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            action = self._action_for(key)
+            if action is None or action.dest in ("help", "config", "debug"):
+                raise UsageError(f"{source}: unknown option {key!r} for {self.prog} (see {self.prog} --help)")
+            if isinstance(action, (argparse._StoreFalseAction, argparse._StoreTrueAction)) and \
+                    action.const is not None and not isinstance(value, bool):
+                raise UsageError(f"{source}: option {key!r} takes true or false, got {value!r}")
+            if isinstance(action, argparse._StoreFalseAction):
+                value = not value  # ``full: true`` → lora = False; ``no_progress: true`` → progress = False
+            if action.choices is not None and value is not None and not isinstance(value, list) \
+                    and value not in action.choices:
+                raise UsageError(f"{source}: {key} {value!r}: choose one of {', '.join(map(str, action.choices))}")
+            out[action.dest] = value
+        return out
+
+    def read_yaml(self, path: str) -> dict[str, Any]:
+        import yaml
+
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise UsageError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {path}: a config file must be a mapping of option names to values")
+        return self.dict_to_defaults(data, path)
+
+    # -- parsing --------------------------------------------------------------------------------
+    def parse(self, argv: Sequence[str], defaults: Callable[[argparse.Namespace], dict[str, Any]] | None = None,
+              ) -> tuple[Any, ...]:
+        """Parse ``argv``; ``defaults(namespace)`` may add defaults seen only after a first parse."""
+        argv = list(argv)
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config")
+        known, _ = pre.parse_known_args(argv)
+        file_values = self.read_yaml(known.config) if known.config else {}
+        namespace = self._parse_with(argv, file_values)
+        if defaults is not None:
+            extra = defaults(namespace)
+            if extra:
+                given = self._given_on_command_line(argv)
+                merged = {k: v for k, v in extra.items() if k not in given and k not in file_values}
+                namespace = self._parse_with(argv, {**merged, **file_values})
+        return self.build(vars(namespace))
+
+    def _parse_with(self, argv: Sequence[str], values: dict[str, Any]) -> argparse.Namespace:
+        for action in self.parser._actions:
+            if action.dest in values:
+                action.required = False
+        self.parser.set_defaults(**values)
+        namespace = self.parser.parse_args(argv)
+        missing = [a for a in self.parser._actions if not a.option_strings and a.dest not in values
+                   and getattr(namespace, a.dest, None) in (None, []) and a.default in (None, [])]
+        if missing:
+            self.parser.error(f"the following arguments are required: {', '.join(a.metavar for a in missing)}")
+        return namespace
+
+    def _given_on_command_line(self, argv: Sequence[str]) -> set[str]:
+        given = set()
+        for token in argv:
+            if token.startswith("--"):
+                action = self.parser._option_string_actions.get(token.split("=", 1)[0])
+                if action is not None:
+                    given.add(action.dest)
+        return given
+
+    def build(self, values: dict[str, Any]) -> tuple[Any, ...]:
+        """Instantiate each dataclass from ``values`` (unknown keys ignored; errors are usage errors)."""
+        out = []
+        for dtype in self.dataclass_types:
+            names = {f.name for f in dataclasses.fields(dtype) if f.init}
+            kwargs = {k: v for k, v in values.items() if k in names}
+            try:
+                out.append(dtype(**kwargs))
+            except UsageError:
+                raise
+            except (ValueError, TypeError) as e:
+                raise UsageError(str(e)) from e
+        return tuple(out)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.parser.error(message)
+
+
+def config_from_file(dtype: type, path: str, **overrides: Any) -> Any:
+    """One config from a YAML override file (same vocabulary as the flags), then keyword overrides.
+
+    The demo reads the world DM's recommended Stage-1 settings this way (``stage1.yaml`` beside
+    the checkpoint), exactly as ``lavender extract --config stage1.yaml`` would.
+    """
+    parser = LavenderParser([dtype], prog=f"config {os.path.basename(path)}")
+    values = parser.read_yaml(path)
+    values.update(overrides)
+    return parser.build(values)[0]
+
+
+# --------------------------------------------------------------------------------- running a command
+def debug_requested(argv: Sequence[str]) -> bool:
+    """``lavender --debug CMD``, ``CMD --debug`` (not ``train``: TrainingArguments owns that flag) or the env."""
+    return "--debug" in argv or os.environ.get("LAVENDER_DEBUG", "") not in ("", "0")
+
+
+def report_error(prog: str, exc: BaseException, debug: bool) -> int:
+    """Print ``<prog>: error: <message>`` (one line; a traceback only when debugging); the exit code."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)) and exc.filename \
+            and str(exc.filename) not in message:
+        message = f"{exc.filename}: {message}"
+    if not isinstance(exc, LavenderError) and not debug:
+        message += " (--debug for the traceback)"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return getattr(exc, "exit_code", 1)
