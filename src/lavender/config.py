@@ -533,8 +533,9 @@ class LavenderParser:
             action = self._action_for(key)
             if action is None or action.dest in ("help", "config", "debug"):
                 raise UsageError(f"{source}: unknown option {key!r} for {self.prog} (see {self.prog} --help)")
-            if isinstance(action, (argparse._StoreFalseAction, argparse._StoreTrueAction)) and \
-                    action.const is not None and not isinstance(value, bool):
+            is_bool = isinstance(action, (argparse._StoreFalseAction, argparse._StoreTrueAction)) or \
+                getattr(action.type, "__name__", "") == "string_to_bool"
+            if is_bool and value is not None and not isinstance(value, bool):
                 raise UsageError(f"{source}: option {key!r} takes true or false, got {value!r}")
             if isinstance(action, argparse._StoreFalseAction):
                 value = not value  # ``full: true`` → lora = False; ``no_progress: true`` → progress = False
