@@ -17,7 +17,7 @@ from torch import nn
 
 from lavender.config import ALIGNER_ACTS, ALIGNER_NORMS
 
-VARIANTS = {"light": 1, "sim": 2, "deep": 4, "mlp": 2}  # number of hidden (expanded) layers
+VARIANTS = {"light": 1, "sim": 2, "deep": 4, "mlp": 2, "identity": 0}  # number of hidden (expanded) layers
 NORMS = ALIGNER_NORMS
 ACTS = ALIGNER_ACTS
 
@@ -38,7 +38,9 @@ class Aligner(nn.Module):
 
     Args:
         in_channels: C (heads for the ``heads`` aggregation, else 1).
-        variant: ``light`` (1 hidden layer), ``sim`` (2), ``deep`` (4), ``mlp`` (2, 1×1 kernels).
+        variant: ``light`` (1 hidden layer), ``sim`` (2), ``deep`` (4), ``mlp`` (2, 1×1 kernels), or
+            ``identity``: no parameters — the channel-averaged map itself, normalised like the targets,
+            so L_att can only be lowered by moving the VLM's own attention (it cannot be absorbed).
         norm: ``instance`` (per map; independent of the batch's word count) or ``batch``.
         act: ``relu6`` or ``leakyrelu``.
         hidden: expanded width.
@@ -58,6 +60,10 @@ class Aligner(nn.Module):
             raise ValueError(f"unknown Aligner out_norm {out_norm!r}; choose 'minmax' or 'none'")
         self.config = {"in_channels": in_channels, "variant": variant, "norm": norm, "act": act,
                        "hidden": hidden, "out_norm": out_norm}
+        self.out_norm = out_norm
+        if variant == "identity":
+            self.net = None
+            return
         kernel = 1 if variant == "mlp" else 3
         layers: list[nn.Module] = []
         width = in_channels
@@ -70,11 +76,13 @@ class Aligner(nn.Module):
             width = hidden
         layers.append(nn.Conv2d(width, 1, kernel, padding=kernel // 2))  # squeeze to one map
         self.net = nn.Sequential(*layers)
-        self.out_norm = out_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"Aligner expects (N, C, H, W) word maps, got shape {tuple(x.shape)}")
+        if self.net is None:  # identity: nothing to learn, nothing to absorb the loss
+            y = x.float().mean(dim=1)
+            return minmax(y) if self.out_norm == "minmax" and y.shape[0] else y
         if x.shape[0] == 0:  # no word in the batch: an empty result still connected to the parameters
             return x.new_zeros(0, *x.shape[-2:]) + 0.0 * self.net[-1].weight.sum()
         y = self.net(x.to(self.net[0].weight.dtype)).squeeze(1)  # (N, H, W)

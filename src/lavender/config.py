@@ -60,8 +60,9 @@ Aggregation = Literal["heads", "mean-mean", "mean-max", "max-mean", "max-max", "
 RowOwner = Literal["next", "query"]
 AlignOn = Literal["answer", "all"]
 MatchMode = Literal["exact", "lemma"]
-AlignerKind = Literal["light", "sim", "deep", "mlp"]
+AlignerKind = Literal["light", "sim", "deep", "mlp", "identity"]
 AlignerNorm = Literal["instance", "batch"]
+AttLoss = Literal["mse", "kl", "mass"]
 AlignerAct = Literal["relu6", "leakyrelu"]
 LambdaSchedule = Literal["constant", "exp-decay", "linear-warmup"]
 Recipe = Literal["ddim", "nulltext"]
@@ -77,6 +78,7 @@ MATCH_MODES: tuple[str, ...] = typing.get_args(MatchMode)
 ALIGNERS: tuple[str, ...] = typing.get_args(AlignerKind)
 ALIGNER_NORMS: tuple[str, ...] = typing.get_args(AlignerNorm)
 ALIGNER_ACTS: tuple[str, ...] = typing.get_args(AlignerAct)
+ATT_LOSSES: tuple[str, ...] = typing.get_args(AttLoss)
 LAMBDA_SCHEDULES: tuple[str, ...] = typing.get_args(LambdaSchedule)
 RECIPES: tuple[str, ...] = typing.get_args(Recipe)
 FRAMES: tuple[str, ...] = typing.get_args(Frame)
@@ -341,9 +343,21 @@ def _train_config() -> type:
         lambda_warmup_steps: int = opt(100, "steps of linear-warmup")
         aligner_pretrain_steps: int = opt(0, "first P steps train only the Aligner (and learn projections) on "
                                           "L_att, the VLM frozen")
-        aligner: AlignerKind = opt("sim", "Aligner variant")
+        att_loss: AttLoss = opt("mse", "L_att: mse (the paper's, on min–max maps), kl (KL(target‖prediction) "
+                                "between distributions) or mass (−log of the row's attention share inside the "
+                                "target's region; raw attention, bypasses the Aligner). See docs/training.md")
+        mass_threshold: float = opt(0.5, "mass: the target's region is target >= this (min–max maps: half range)")
+        aligner: AlignerKind = opt("sim", "Aligner variant; identity = no parameters (cannot absorb L_att)")
         aligner_norm: AlignerNorm = opt("instance", "Aligner normalisation")
         aligner_act: AlignerAct = opt("relu6", "Aligner activation")
+        aligner_freeze: bool = opt(False, "freeze the Aligner after --aligner-pretrain-steps (then only the VLM "
+                                   "can lower L_att)")
+        calibrate_lambda: float | None = opt(None, "set λ so that ‖λ·∇L_att‖ / ‖∇L_VLM‖ on the trainable VLM "
+                                             "weights equals this ratio, measured on the first "
+                                             "--calibration-batches batches before training (e.g. 0.5)")
+        calibration_batches: int = opt(4, "batches the λ calibration averages over")
+        grad_ratio_steps: int = opt(50, "log grad_ratio = ‖λ·∇L_att‖ / ‖∇L_VLM‖ at the first logging step and "
+                                    "every N steps after (0: never; two extra backward passes each time)")
         resume: bool = opt(False, "continue from the last complete checkpoint in --out")
         strict: bool = opt(False, "stop at the first bad record instead of skipping it")
 
@@ -372,11 +386,19 @@ def _train_config() -> type:
                 raise UsageError(f"--lambda must be >= 0, got {self.lambda_att}")
             if self.aligner_pretrain_steps and not self.attention:
                 raise UsageError("--aligner-pretrain-steps needs --attention (there is nothing to pre-train on)")
+            if self.aligner_freeze and not self.aligner_pretrain_steps:
+                raise UsageError("--aligner-freeze needs --aligner-pretrain-steps P (freeze it after pre-training)")
+            if self.calibrate_lambda is not None and (self.calibrate_lambda <= 0 or not self.attention):
+                raise UsageError("--calibrate-lambda takes a ratio > 0 and needs --attention")
+            if not 0 < self.mass_threshold <= 1:
+                raise UsageError(f"--mass-threshold must be in (0, 1], got {self.mass_threshold}")
+            if self.calibration_batches < 1 or self.grad_ratio_steps < 0:
+                raise UsageError("--calibration-batches must be >= 1 and --grad-ratio-steps >= 0")
             super().__post_init__()
 
         @property
         def uses_attention(self) -> bool:
-            return bool(self.attention) and self.lambda_att > 0
+            return bool(self.attention) and (self.lambda_att > 0 or self.calibrate_lambda is not None)
 
     TrainConfig.__module__ = __name__
     TrainConfig.__qualname__ = "TrainConfig"

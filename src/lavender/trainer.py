@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from lavender.aligner import minmax
 from lavender.config import (
     LAMBDA_SCHEDULES,
     RUN_FORMAT_VERSION,
@@ -34,8 +35,8 @@ from lavender.config import (
     LavenderError,
     warn_ignored_alignment,
 )
-from lavender.loss import attention_loss
-from lavender.vlm.aggregate import matched_word_maps
+from lavender.loss import attention_loss, kl_loss, mass_loss, softmax_map
+from lavender.vlm.aggregate import matched_word_maps, word_grid_mass
 from lavender.vlm.load import load_vlm
 
 HEAD_WEIGHTS = "lavender_head.safetensors"
@@ -74,6 +75,8 @@ class LavenderHead(nn.Module):
     def zero_touch(self) -> torch.Tensor:
         """0 connected to every head parameter: keeps DDP happy on a batch where nothing matches."""
         params = list(self.parameters())
+        if not params:  # the identity Aligner has none
+            return torch.zeros(())
         return sum((p.sum() for p in params[1:]), params[0].sum()) * 0.0
 
 
@@ -163,17 +166,20 @@ class LavenderTrainer(Trainer):
         lam = self.current_lambda()
         pretrain = self.in_aligner_pretraining()
         use_att = self.head is not None and align is not None and (lam > 0 or pretrain)
-        self._step = {"align": align if use_att and align.n_matched else None, "lam": lam, "pretrain": pretrain}
+        self._step = {"align": align if use_att and align.n_matched else None, "lam": lam, "pretrain": pretrain,
+                      "measure_grads": self._measure_grads_now() and use_att and model.training}
         if self._step["align"] is not None:
             self.capture.arm(align.plan)
         try:
             outputs = model(**inputs)  # with a head, outputs.loss is already L_VLM + λ·L_att (_head_hook)
         finally:
-            parts = self._step.get("parts")
+            parts, diag = self._step.get("parts"), dict(self._step.get("diag") or {})
+            if "grad_ratio" in self._step:
+                diag["grad_ratio"] = self._step["grad_ratio"]
             self._step = {}
         loss = outputs.loss
         loss_vlm, loss_att = parts if parts is not None else (loss.detach(), loss.new_zeros(()))
-        self._record(loss_vlm=loss_vlm, loss_att=loss_att, lam=lam, align=align)
+        self._record(loss_vlm=loss_vlm, loss_att=loss_att, lam=lam, align=align, diag=diag)
         return (loss, outputs) if return_outputs else loss
 
     def _head_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
@@ -190,21 +196,64 @@ class LavenderTrainer(Trainer):
             return output
         loss_att = self.head.zero_touch().to(output.logits.device)
         align = step["align"]
+        diag: dict[str, float] = {}
         if align is not None:
-            pred = self.head.aligner(matched_word_maps(self.capture.maps, align, self.aggregation))  # (N, S, S)
-            target = align.targets.to(pred.device, pred.dtype)  # PITFALLS #11: moved with the batch
-            loss_att = loss_att + attention_loss(pred, target)[0]
+            loss_att = loss_att + self._attention_term(align, output.logits.device, diag)
         step["parts"] = (output.loss.detach(), loss_att.detach())
+        step["diag"] = diag
+        if step.get("measure_grads"):
+            step["grad_ratio"] = self._grad_ratio(output.loss, loss_att, step["lam"])
         output.loss = loss_att + 0.0 * output.loss if step["pretrain"] else output.loss + step["lam"] * loss_att
         return output
+
+    def _attention_term(self, align: Any, device: torch.device, diag: dict[str, float]) -> torch.Tensor:
+        """L_att of one batch (``args.att_loss``), and the diagnostics logged beside it.
+
+        ``loss_att_raw``: the raw aggregated VLM map (heads averaged, min–max like the targets) against
+        the target — what L_att would be with no Aligner, so a user sees whether the VLM or the
+        Aligner moved. ``sink_mass``: the share of the aligned rows' attention NOT on the image grid.
+        """
+        maps = matched_word_maps(self.capture.maps, align, self.aggregation)  # (N, C, S, S)
+        target = align.targets.to(maps.device, torch.float32)  # docs/pitfalls.md #11: moved with the batch
+        raw = maps.float().mean(dim=1)  # (N, S, S)
+        grid_mass = word_grid_mass(self.capture.maps, align)
+        with torch.no_grad():
+            diag["loss_att_raw"] = float(attention_loss(minmax(raw), target)[0])
+            diag["sink_mass"] = float((1 - grid_mass).mean()) if grid_mass.numel() else 0.0
+        kind = self.args.att_loss
+        if kind == "mass":
+            return mass_loss(raw, grid_mass, target, self.args.mass_threshold).to(device)
+        pred = self.head.aligner(maps)  # (N, S, S)
+        if kind == "kl":
+            prob = raw if self.args.aligner == "identity" else softmax_map(pred)
+            return kl_loss(prob, target).to(device)
+        return attention_loss(pred, target.to(pred.dtype))[0].to(device)
+
+    def _grad_ratio(self, loss_vlm: torch.Tensor, loss_att: torch.Tensor, lam: float) -> float:
+        """``‖λ·∇L_att‖ / ‖∇L_VLM‖`` over the trainable VLM weights (not the head): two extra backwards."""
+        head = {id(p) for p in self.head.parameters()}
+        params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in head]
+        if not params or not loss_att.requires_grad:
+            return 0.0
+        g_vlm = torch.autograd.grad(loss_vlm, params, retain_graph=True, allow_unused=True)
+        g_att = torch.autograd.grad(loss_att, params, retain_graph=True, allow_unused=True)
+        n_vlm = torch.sqrt(sum((g.float().pow(2).sum() for g in g_vlm if g is not None), torch.zeros(())))
+        n_att = torch.sqrt(sum((g.float().pow(2).sum() for g in g_att if g is not None), torch.zeros(())))
+        return float(lam * n_att / n_vlm.clamp_min(1e-30))
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         self._set_pretrain_freeze(self.in_aligner_pretraining())
         try:
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             if self.capture is not None:
                 self.capture.clear()  # after backward: checkpoint recomputation needed the plan
+        if self.head is not None and self.args.aligner_freeze and not self.in_aligner_pretraining():
+            # frozen after pre-training: drop its gradients (after any all-reduce), so the optimiser
+            # skips it; requires_grad stays, so DDP's bookkeeping never changes mid-run
+            for p in self.head.parameters():
+                p.grad = None
+        return loss
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -225,11 +274,19 @@ class LavenderTrainer(Trainer):
             self._frozen = []
 
     # --- logging ----------------------------------------------------------------------------------
-    def _record(self, loss_vlm: torch.Tensor, loss_att: torch.Tensor, lam: float, align: Any) -> None:
+    def _measure_grads_now(self) -> bool:
+        """grad_ratio at the first logged step and every ``grad_ratio_steps`` optimiser steps after."""
+        every = self.args.grad_ratio_steps
+        return bool(every) and self.head is not None and self.state.global_step % every == 0
+
+    def _record(self, loss_vlm: torch.Tensor, loss_att: torch.Tensor, lam: float, align: Any,
+                diag: dict[str, float] | None = None) -> None:
         acc = self._acc
         acc.setdefault("loss_vlm", []).append(float(loss_vlm.detach()))
         acc.setdefault("loss_att", []).append(float(loss_att.detach()))
         acc.setdefault("lambda", []).append(lam)
+        for k, v in (diag or {}).items():
+            acc.setdefault(k, []).append(v)
         if align is not None:
             acc.setdefault("_matched", []).append(align.n_matched)
             acc.setdefault("_words", []).append(align.n_words)
@@ -237,7 +294,7 @@ class LavenderTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._acc and "loss" in logs:
             acc, self._acc = self._acc, {}
-            for k in ("loss_vlm", "loss_att", "lambda"):
+            for k in ("loss_vlm", "loss_att", "lambda", "loss_att_raw", "sink_mass", "grad_ratio"):
                 if acc.get(k):
                     logs[k] = sum(acc[k]) / len(acc[k])
             words = sum(acc.get("_words", []))
@@ -309,6 +366,13 @@ def run_training(args: Any, alignment: AlignmentConfig | None = None) -> Lavende
     alignment = alignment or AlignmentConfig()
     warn_ignored_alignment(args, alignment)
     trainer = build_trainer(args, alignment)
+    if args.calibrate_lambda is not None:
+        lam, base = calibrate_lambda(trainer, args.calibrate_lambda, args.calibration_batches)
+        log.warning("calibrated λ = %.4g: ‖∇L_att‖/‖∇L_VLM‖ = %.4g at λ = 1 over %d batches, target ratio %g",
+                    lam, base, args.calibration_batches, args.calibrate_lambda)
+        print(f"lavender train: calibrated λ = {lam:.4g} (gradient ratio {base:.4g} at λ = 1; "
+              f"target {args.calibrate_lambda})")
+        args.lambda_att = lam
     resume = last_checkpoint(args.output_dir) if args.resume else None
     if args.resume and resume is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
@@ -327,6 +391,41 @@ def run_training(args: Any, alignment: AlignmentConfig | None = None) -> Lavende
     if args.should_save:
         write_model_card(args, alignment, trainer)
     return trainer
+
+
+def calibrate_lambda(trainer: LavenderTrainer, ratio: float, batches: int = 4) -> tuple[float, float]:
+    """λ such that ``‖λ·∇L_att‖ / ‖∇L_VLM‖ = ratio`` on the trainable VLM weights, at initialisation.
+
+    Measured on the first ``batches`` training batches that match any word (the mean of the
+    per-batch ratios at λ = 1); returns ``(λ, measured ratio at λ = 1)``. The gradients are
+    discarded: nothing is trained.
+    """
+    if trainer.head is None:
+        raise LavenderError("--calibrate-lambda needs --attention (there is no attention term to weigh)")
+    model = trainer.model
+    model.train()
+    ratios: list[float] = []
+    for inputs in trainer.get_train_dataloader():
+        if len(ratios) == batches:
+            break
+        inputs = trainer._prepare_inputs(inputs)
+        align = inputs.pop("lavender", None)
+        if align is None or not align.n_matched:
+            continue
+        trainer.capture.arm(align.plan)
+        try:
+            out = model(**inputs)  # no step armed: the head hook leaves outputs.loss = L_VLM
+            loss_att = trainer._attention_term(align, out.logits.device, {})
+            ratios.append(trainer._grad_ratio(out.loss, loss_att, 1.0))
+        finally:
+            trainer.capture.clear()
+    model.zero_grad(set_to_none=True)
+    usable = [r for r in ratios if r > 0]
+    if not usable:
+        raise LavenderError("--calibrate-lambda: no batch matched a word (or L_att has no gradient on the "
+                            "trainable weights); check --attention and --layers")
+    base = sum(usable) / len(usable)
+    return ratio / base, base
 
 
 def write_model_card(args: Any, alignment: AlignmentConfig, trainer: LavenderTrainer) -> str:

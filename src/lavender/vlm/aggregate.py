@@ -251,3 +251,12 @@ def matched_word_maps(captured: dict[int, torch.Tensor], align: Any, aggregation
     per_sample = aggregate(captured, align.rows, align.grids, aggregation, attention_mask=align.attention_mask,
                            frame=align.frame, size=align.targets.shape[-1])
     return torch.cat(per_sample)
+
+
+def word_grid_mass(captured: dict[int, torch.Tensor], align: Any) -> torch.Tensor:
+    """``(N,)`` per matched word: the share of its rows' attention (heads and layers averaged) that is on
+    the image's spatial grid. The captured slice is normalised over ALL keys, so ``1 −`` this is the
+    mass on everything else the row sees — CLS tokens, padding tiles, separators, text (a sink)."""
+    totals = pool(captured, "mean-mean").sum(dim=-1, keepdim=True)  # (B, 1, R, 1)
+    per_sample = word_maps(totals, align.rows)  # each (n_words, 1, 1)
+    return torch.cat([w[:, 0, 0] for w in per_sample]) if per_sample else totals.new_zeros(0)
