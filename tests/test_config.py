@@ -157,3 +157,24 @@ def test_warns_when_alignment_options_are_ignored() -> None:
     train = config.TrainConfig(model="m", data="d", output_dir="o", lambda_att=0.0, use_cpu=True)
     with pytest.warns(UserWarning, match="--aggregation will be ignored: no --attention"):
         config.warn_ignored_alignment(train, AlignmentConfig(aggregation="mean-mean"))
+
+
+@dataclasses.dataclass
+class _Positional:
+    root: str = dataclasses.field(default=dataclasses.MISSING, metadata={"help": "a folder", "positional": True,
+                                                                          "metavar": "DIR"})
+    sources: list[str] = dataclasses.field(default_factory=list, metadata={"help": "files", "positional": True})
+    json: bool = dataclasses.field(default=False, metadata={"help": "json"})
+
+
+def test_positional_fields_bare_as_flag_or_in_yaml(tmp_path) -> None:
+    parser = LavenderParser([_Positional], prog="lavender x")
+    assert parser.parse(["a", "b", "c", "--json"])[0] == _Positional("a", ["b", "c"], True)
+    assert parser.parse(["--json", "--root", "a"])[0] == _Positional("a", [], True)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("root: r\nsources: [s]\n")
+    assert parser.parse(["--config", str(cfg)])[0] == _Positional("r", ["s"], False)
+    with pytest.raises(SystemExit):
+        parser.parse(["--json"])  # DIR is required
+    with pytest.raises(SystemExit):
+        parser.parse(["a", "--bogus"])

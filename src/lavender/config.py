@@ -497,23 +497,22 @@ class DemoConfig(Checked):
 
 
 # --------------------------------------------------------------------------------- the parser
-def _hf_parser_class() -> type:
-    from transformers import HfArgumentParser
-
-    class _Parser(HfArgumentParser):
-        @staticmethod
-        def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-            if field.metadata.get("positional"):  # ``lavender inspect ATTN_DIR``; required unless YAML gives it
-                is_list = typing.get_origin(field.type) is list or list in map(typing.get_origin,
-                                                                                typing.get_args(field.type))
-                kwargs = {"help": field.metadata.get("help"), "metavar": field.metadata.get("metavar", field.name.upper()),
-                          "nargs": "*" if is_list else "?",
-                          "default": None if field.default is dataclasses.MISSING else field.default}
-                parser.add_argument(field.name, **kwargs)
-                return
-            HfArgumentParser._parse_dataclass_field(parser, field)
-
-    return _Parser
+def _flag_view(dtype: type) -> type:
+    """``dtype`` as HfArgumentParser should see it: its ``positional`` markers (ours, not argparse's)
+    removed from the field metadata. Only configs that have positional fields get a copy."""
+    fields = [f for f in dataclasses.fields(dtype) if f.init]
+    if not any(f.metadata.get("positional") for f in fields):
+        return dtype
+    hints = typing.get_type_hints(dtype)
+    specs = []
+    for f in fields:
+        kw: dict[str, Any] = {"metadata": {k: v for k, v in f.metadata.items() if k != "positional"}}
+        if f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kw["default_factory"] = f.default_factory
+        specs.append((f.name, hints[f.name], field(**kw)))
+    return dataclasses.make_dataclass(dtype.__name__, specs, kw_only=True)
 
 
 class LavenderParser:
@@ -526,8 +525,24 @@ class LavenderParser:
     def __init__(self, dataclass_types: Sequence[type], prog: str, description: str | None = None) -> None:
         self.dataclass_types = list(dataclass_types)
         self.prog = prog
-        self.parser = _hf_parser_class()(self.dataclass_types, prog=prog, description=description,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        from transformers import HfArgumentParser
+
+        self.parser = HfArgumentParser([_flag_view(d) for d in self.dataclass_types], prog=prog,
+                                       description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        # fields marked ``positional`` (``lavender inspect ATTN_DIR``) are also accepted bare, in order;
+        # their ``--name`` flag and YAML key keep working
+        self.positionals: list[tuple[argparse.Action, bool, bool]] = []  # (action, takes many, required)
+        for dtype in self.dataclass_types:
+            for f in dataclasses.fields(dtype):
+                if f.metadata.get("positional"):
+                    action = self.parser._option_string_actions[f"--{f.name}"]
+                    action.required = False
+                    action.metavar = f.metadata.get("metavar", f.name.upper())
+                    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                    self.positionals.append((action, action.nargs in ("+", "*"), required))
+        if self.positionals:
+            names = " ".join(a.metavar + (" ..." if many else "") for a, many, _ in self.positionals)
+            self.parser.usage = f"{prog} [options] {names}"
         for dtype in self.dataclass_types:
             for flags, kwargs in getattr(dtype, "extra_flags", ()):
                 self.parser.add_argument(*flags, **kwargs)
@@ -535,6 +550,7 @@ class LavenderParser:
         if "--debug" not in self.parser._option_string_actions:  # TrainingArguments has its own --debug
             self.parser.add_argument("--debug", action="store_true",
                                      help="show Python tracebacks of errors (also: LAVENDER_DEBUG=1)")
+        self._initial = {id(a): (a.default, a.required) for a in self.parser._actions}
 
     # -- the vocabulary -------------------------------------------------------------------------
     def _action_for(self, key: str) -> argparse.Action | None:
@@ -542,9 +558,6 @@ class LavenderParser:
         for spelling in (f"--{key}", f"--{key.replace('-', '_')}", f"--{key.replace('_', '-')}"):
             action = self.parser._option_string_actions.get(spelling)
             if action is not None:
-                return action
-        for action in self.parser._actions:  # positionals
-            if not action.option_strings and action.dest == key.replace("-", "_"):
                 return action
         return None
 
@@ -600,15 +613,25 @@ class LavenderParser:
         return self.build(vars(namespace))
 
     def _parse_with(self, argv: Sequence[str], values: dict[str, Any]) -> argparse.Namespace:
-        for action in self.parser._actions:
+        for action in self.parser._actions:  # each parse starts from the dataclass defaults
+            action.default, action.required = self._initial[id(action)]
             if action.dest in values:
                 action.required = False
-        self.parser.set_defaults(**values)
-        namespace = self.parser.parse_args(argv)
-        missing = [a for a in self.parser._actions if not a.option_strings and a.dest not in values
-                   and getattr(namespace, a.dest, None) in (None, []) and a.default in (None, [])]
-        if missing:
-            self.parser.error(f"the following arguments are required: {', '.join(a.metavar for a in missing)}")
+                action.default = values[action.dest]
+        if not self.positionals:
+            return self.parser.parse_args(argv)
+        namespace, rest = self.parser.parse_known_args(argv)
+        flags = [t for t in rest if t.startswith("-")]
+        if flags:
+            self.parser.error(f"unrecognized arguments: {' '.join(flags)}")
+        for action, many, required in self.positionals:
+            if rest:
+                value, rest = (rest, []) if many else (rest[0], rest[1:])
+                setattr(namespace, action.dest, [action.type(v) for v in value] if many else action.type(value))
+            elif required and action.dest not in values and getattr(namespace, action.dest, None) in (None, []):
+                self.parser.error(f"the following arguments are required: {action.metavar}")
+        if rest:
+            self.parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return namespace
 
     def _given_on_command_line(self, argv: Sequence[str]) -> set[str]:
