@@ -105,7 +105,8 @@ def main() -> None:
                    help="AttentionCapture.chunk_bytes in MiB (default: the capture's; a huge value = unchunked)")
     args = p.parse_args()
 
-    from lavender.trainer import LavenderArguments, build_trainer
+    from lavender.config import AlignmentConfig, TrainConfig
+    from lavender.trainer import build_trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="lav_bench_"))
     build_model(tmp / "model", args.layers)
@@ -114,11 +115,10 @@ def main() -> None:
     device = torch.device(args.device)
     arms = {}
     for name, lam in (("lambda0", 0.0), ("lavender", 10.0)):
-        targs = LavenderArguments(model=str(tmp / "model"), data=str(data), attention=str(attn),
-                                  output_dir=str(tmp / name), lambda_att=lam, per_device_train_batch_size=args.batch_size,
-                                  aggregation=args.aggregation,
-                                  use_cpu=args.device == "cpu", report_to="none", disable_tqdm=True)
-        trainer = build_trainer(targs)
+        targs = TrainConfig(model=str(tmp / "model"), data=str(data), attention=str(attn),
+                            output_dir=str(tmp / name), lambda_att=lam, per_device_train_batch_size=args.batch_size,
+                            use_cpu=args.device == "cpu", report_to="none", disable_tqdm=True)
+        trainer = build_trainer(targs, AlignmentConfig(aggregation=args.aggregation))
         if trainer.capture is not None and args.capture_chunk_mib is not None:
             trainer.capture.chunk_bytes = int(args.capture_chunk_mib * 2**20)
         trainer.model.to(device=device, dtype=dtype)
