@@ -98,7 +98,7 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 @torch.no_grad()
 def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence[Any], store: Any,
                       alignment: Any = None, *, batch_size: int = 8) -> list[dict[str, Any]]:
-    """Per matched word of ``records``: ``{id, word, dm_index, vlm (S,S) raw, dm (S,S)}``.
+    """Per matched word of ``records``: ``{id, word, dm_index, vlm (S,S) raw, dm (S,S), sink_mass}``.
 
     Reads the VLM exactly as training does (the collator, the capture, ``alignment`` — a
     :class:`lavender.config.AlignmentConfig`, default: its defaults with ``mean-mean``). ``vlm`` is
@@ -106,7 +106,7 @@ def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence
     """
     from lavender.config import AlignmentConfig
     from lavender.data_collator import LavenderCollator
-    from lavender.vlm.aggregate import matched_word_maps
+    from lavender.vlm.aggregate import matched_word_maps, word_grid_mass
     from lavender.vlm.backend import disable_capture, enable_capture
 
     alignment = alignment or AlignmentConfig(aggregation="mean-mean")
@@ -127,12 +127,14 @@ def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence
             capture.arm(align.plan)
             model(**{k: v for k, v in batch.items() if k != "labels"})
             maps = matched_word_maps(capture.maps, align, aggregation).mean(dim=1)  # (N, S, S)
+            grid_mass = word_grid_mass(capture.maps, align)
             capture.clear()
             k = 0
             for b, words in enumerate(align.rows.words):
                 for w in words:
                     out.append({"id": ids[b], "word": w.text, "dm_index": align.target_index[k],
-                                "vlm": maps[k].float().cpu().numpy(), "dm": align.targets[k].numpy()})
+                                "vlm": maps[k].float().cpu().numpy(), "dm": align.targets[k].numpy(),
+                                "sink_mass": float(1 - grid_mass[k])})
                     k += 1
     finally:
         capture.clear()
@@ -141,7 +143,8 @@ def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence
 
 
 def alignment_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Entropy of DM and VLM maps, and their alignment (MSE after min–max, IoU at 0.5)."""
+    """Entropy of DM and VLM maps, their alignment (MSE after min–max, IoU at 0.5) and the VLM's sink
+    mass (the share of the aligned rows' attention off the image grid)."""
     if not rows:
         return {"words": 0}
     dm = np.stack([r["dm"] for r in rows])
@@ -149,7 +152,8 @@ def alignment_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     mse = ((minmax_np(vlm) - minmax_np(dm)) ** 2).mean(axis=(1, 2))
     return {"words": len(rows),
             "entropy_dm": summary(normalized_entropy(dm)), "entropy_vlm": summary(normalized_entropy(vlm)),
-            "mse": summary(mse), "iou": summary([iou(v, d) for v, d in zip(vlm, dm)])}
+            "mse": summary(mse), "iou": summary([iou(v, d) for v, d in zip(vlm, dm)]),
+            "sink_mass": summary([r["sink_mass"] for r in rows if "sink_mass" in r])}
 
 
 # --- figures ---------------------------------------------------------------------------------------
