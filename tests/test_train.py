@@ -18,9 +18,10 @@ from lavender.attnstore import AttentionWriter
 from lavender.cli import main as cli
 from lavender.config import AlignmentConfig, TrainConfig
 from lavender.trainer import build_trainer, lambda_at, load_head_state
+from lavender.vlm.families import families
 from lavender.words import split_words
 
-ARCHS = ["mllama", "llava", "qwen2_vl", "idefics3"]
+ARCHS = sorted(families())  # every registered family, with no list to keep in sync
 CAPTIONS = ["a red circle and a blue square", "a green triangle", "the yellow ring is left of a red cross",
             "two blue circles", "a purple square above a green circle", "one orange triangle"]
 
