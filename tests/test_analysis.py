@@ -64,3 +64,30 @@ def test_analyze_command_on_a_tiny_model(tiny_vlm, tmp_path) -> None:
     assert res["alignment"]["entropy_dm"]["mean"] == pytest.approx(0.0, abs=1e-6)
     assert 0.5 < res["alignment"]["entropy_vlm"]["mean"] <= 1.0  # a random VLM attends diffusely
     assert (tmp_path / "an/word_maps.png").exists() and (tmp_path / "an/entropy.png").exists()
+
+
+def test_html_report_embeds_its_images_and_tables(tmp_path) -> None:
+    from html.parser import HTMLParser
+
+    from lavender.analysis import html_report, plot_paired_differences
+
+    paired = {"shift": {"oracle": {"mean": 0.12, "ci95": [0.05, 0.19], "per_seed": [0.1, 0.15, 0.11]},
+                        "shuffled": {"mean": -0.01, "ci95": [-0.04, 0.02], "per_seed": [0.0, -0.02, -0.01]}}}
+    plot_paired_differences(str(tmp_path / "paired.png"), paired)
+    md = "# Title\n\n| arm | shift |\n| --- | ---: |\n| **oracle** | 61.0 |\n\n![paired](paired.png)\n"
+    html_report(str(tmp_path / "report.html"), md)
+    page = (tmp_path / "report.html").read_text()
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.srcs = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self.srcs += [v for k, v in attrs if k == "src"]
+
+    p = Collect()
+    p.feed(page)
+    assert {"h1", "table", "th", "td", "img", "b"} <= set(p.tags)
+    assert p.srcs and all(s.startswith("data:image/png;base64,") and len(s) > 1000 for s in p.srcs)

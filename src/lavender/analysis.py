@@ -223,3 +223,81 @@ def plot_curves(path: str, runs: Mapping[str, Sequence[Mapping[str, float]]], ke
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_paired_differences(path: str, paired: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+    """Arm − AR per split: the mean over seeds with its 95 % interval and each seed's difference.
+
+    ``paired`` is ``{split: {arm: {"mean", "ci95": [lo, hi], "per_seed": [...]}}}`` (lavender.stats).
+    """
+    plt = _plt()
+    splits = list(paired)
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.2), squeeze=False, sharey=True)
+    for ax, split in zip(axes[0], splits):
+        arms = list(paired[split])
+        for i, arm in enumerate(arms):
+            d = paired[split][arm]
+            lo, hi = (100 * float(np.clip(v, -1, 1)) for v in d["ci95"])
+            ax.errorbar([i], [100 * d["mean"]], yerr=[[100 * d["mean"] - lo], [hi - 100 * d["mean"]]], fmt="o",
+                        capsize=5, color="black")
+            ax.scatter([i] * len(d["per_seed"]), [100 * v for v in d["per_seed"]], s=12, alpha=0.5)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(arms)), arms)
+        ax.set_title(f"{split}: arm − AR")
+        ax.set_ylabel("accuracy points (95 % t-interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def html_report(path: str, markdown_text: str, title: str = "Lavender report") -> str:
+    """A self-contained HTML page from the report's Markdown: tables, headings, paragraphs, and every
+    ``![alt](file.png)`` embedded as a base64 data URI (the page needs no other file)."""
+    import base64
+    import html
+    import os
+    import re
+
+    root = os.path.dirname(os.path.abspath(path))
+
+    def inline(text: str) -> str:
+        out = html.escape(text)
+        out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+    def image(match: re.Match) -> str:
+        alt, src = match.group(1), match.group(2)
+        with open(os.path.join(root, src), "rb") as f:
+            data = base64.b64encode(f.read()).decode()
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="max-width:100%">'
+
+    body, table = [], []
+    for line in markdown_text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                table.append(cells)
+            continue
+        if table:
+            head, *rows = table
+            body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</table>")
+            table = []
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
+        elif re.fullmatch(r"!\[(.*?)\]\((.+?)\)", line.strip()):
+            body.append(re.sub(r"!\[(.*?)\]\((.+?)\)", image, line.strip()))
+        elif line.strip().startswith("- "):
+            body.append(f"<li>{inline(line.strip()[2:])}</li>")
+        elif line.strip():
+            body.append(f"<p>{inline(line)}</p>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}code{background:#f4f4f4}")
+    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    with open(path, "w") as f:
+        f.write(page)
+    return path
