@@ -172,7 +172,7 @@ def test_frames_are_recorded_and_change_maps(tmp_path):
 
 
 def test_frame_geometry():
-    from lavender.diffusion.extract import frame_image
+    from lavender.frames import frame_image
 
     img = Image.new("RGB", (40, 20), (255, 255, 255))
     pad = np.asarray(frame_image(img, 32, "pad"))

@@ -92,29 +92,15 @@ def compute_word_maps(model: Any, processor: Any, family: Any, image_path: str, 
     return align.rows.words[0], maps, chat_text
 
 
-def _framed_image(image: Any, frame: str, size: int = 256) -> np.ndarray:
-    """The image as the frame shows it (what the maps are drawn over)."""
-    from PIL import Image
-
-    w, h = image.size
-    if frame == "pad":
-        side = max(w, h)
-        canvas = Image.new("RGB", (side, side))
-        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-        image = canvas
-    elif frame == "center-crop":
-        side = min(w, h)
-        image = image.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-    return np.asarray(image.resize((size, size)))
-
-
 def write_figure(path: str, image: Any, words: list[str], maps: np.ndarray, frame: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = _framed_image(image, frame)
+    from lavender.frames import frame_image
+
+    shown = np.asarray(frame_image(image, 256, frame))
     n = len(words) + 1
     fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.4), squeeze=False)
     axes[0, 0].imshow(shown)

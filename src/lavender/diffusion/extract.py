@@ -21,6 +21,7 @@ from lavender.attnstore import AttentionWriter, update_counts
 from lavender.config import DTYPE_NAMES, FRAMES, NORMALIZATIONS, RECIPES, ExtractConfig  # noqa: F401
 from lavender.diffusion.capture import AttentionAccumulator, cross_attention_sides, install_capture
 from lavender.diffusion.inversion import NoiseSchedule, run_ddim, run_nulltext
+from lavender.frames import PAD_FILL, frame_image  # noqa: F401  (Stage 1's frame, re-exported)
 from lavender.records import Record, RecordError, dm_text, iter_records, load_image
 from lavender.words import split_words, word_token_spans
 
@@ -29,7 +30,6 @@ log = logging.getLogger("lavender.extract")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
-PAD_FILL = (0, 0, 0)
 
 
 # --------------------------------------------------------------------------------------- the model
@@ -90,33 +90,6 @@ class DiffusionModel:
 
 
 # ---------------------------------------------------------------------------------------- frames
-def frame_image(img, size: int, frame: str):
-    """Bring a PIL RGB image into the DM's ``size``×``size`` frame (METHOD.md Stage 1 step 7).
-
-    ``squash``: resize the whole image to the square (aspect ratio not kept, nothing lost);
-    ``pad``: fit the longer side, centre, pad with black (``PAD_FILL``);
-    ``center-crop``: fit the shorter side, crop the centre square (HF LLaVA's view).
-    """
-    from PIL import Image
-
-    w, h = img.size
-    if frame == "squash":
-        return img.resize((size, size), Image.BICUBIC)
-    if frame == "pad":
-        s = size / max(w, h)
-        nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        canvas = Image.new("RGB", (size, size), PAD_FILL)
-        canvas.paste(img.resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
-        return canvas
-    if frame == "center-crop":
-        s = size / min(w, h)
-        nw, nh = max(size, round(w * s)), max(size, round(h * s))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return img.crop((left, top, left + size, top + size))
-    raise ValueError(f"unknown --frame {frame!r}; choose one of {FRAMES}")
-
-
 def to_pixels(images: list) -> torch.Tensor:
     """PIL RGB images of one size → (B, 3, H, W) float32 in [-1, 1]."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # (B, H, W, 3)

@@ -23,29 +23,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lavender.config import FRAMES  # noqa: F401  (re-exported)
+from lavender.frames import frame_to_image
 from lavender.vlm.families.base import ImageGrid
-
-FRAMES = ("squash", "pad", "center-crop")
 
 
 def gather_grid(attn_rows: torch.Tensor, grid: ImageGrid) -> torch.Tensor:
     """``(..., K)`` attention over the watched keys → ``(..., rows, cols)`` on the image's grid."""
     picked = attn_rows.index_select(-1, grid.key_index.to(attn_rows.device))  # (..., rows * cols)
     return picked.unflatten(-1, (grid.rows, grid.cols))  # row-major: key_index[r * cols + c] = cell (r, c)
-
-
-def _frame_to_image(frame: str, width: float, height: float, u: torch.Tensor, v: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frame coordinates ``u, v`` in ``[0, 1]`` → original-image pixel coordinates ``x, y``."""
-    if frame == "squash":
-        return u * width, v * height
-    if frame == "pad":
-        side = max(width, height)
-        return u * side - (side - width) / 2, v * side - (side - height) / 2
-    if frame == "center-crop":
-        side = min(width, height)
-        return (width - side) / 2 + u * side, (height - side) / 2 + v * side
-    raise ValueError(f"unknown frame {frame!r}; choose one of {', '.join(FRAMES)}")
 
 
 def to_frame(grid_maps: torch.Tensor, covers: tuple[float, float, float, float], image_size: tuple[int, int],
@@ -72,7 +58,7 @@ def to_frame(grid_maps: torch.Tensor, covers: tuple[float, float, float, float],
     n = size * k
     centres = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # sub-pixel centres in [0, 1]
     v, u = torch.meshgrid(centres, centres, indexing="ij")  # (n, n) each
-    x, y = _frame_to_image(frame, width, height, u, v)
+    x, y = frame_to_image(frame, width, height, u, v)
     gx, gy = (x - x0) / (x1 - x0), (y - y0) / (y1 - y0)  # position on the grid, [0, 1] inside it
     inside = (gx >= 0) & (gx <= 1) & (gy >= 0) & (gy <= 1) & (x >= 0) & (x <= width) & (y >= 0) & (y <= height)
     sample_at = torch.stack([gx * 2 - 1, gy * 2 - 1], dim=-1)  # (n, n, 2), grid_sample's (x, y) in [-1, 1]
@@ -96,7 +82,7 @@ def frame_coverage(covers: tuple[float, float, float, float], image_size: tuple[
     """
     width, height = float(image_size[0]), float(image_size[1])
     corners_u = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    (fx0, fx1), (fy0, fy1) = (t.tolist() for t in _frame_to_image(frame, width, height, corners_u, corners_u))
+    (fx0, fx1), (fy0, fy1) = (t.tolist() for t in frame_to_image(frame, width, height, corners_u, corners_u))
     # the part of the frame that shows the image, and the part of it the grid spans
     ix0, ix1, iy0, iy1 = max(fx0, 0.0), min(fx1, width), max(fy0, 0.0), min(fy1, height)
     cx0, cx1 = max(ix0, covers[0]), min(ix1, covers[2])
