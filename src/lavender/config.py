@@ -692,4 +692,296 @@ def report_error(prog: str, exc: BaseException, debug: bool) -> int:
     if not isinstance(exc, LavenderError) and not debug:
         message += " (--debug for the traceback)"
     print(f"{prog}: error: {message}", file=sys.stderr)
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return 2  # a path the user gave does not exist: a usage error, as argparse would say
     return getattr(exc, "exit_code", 1)
+
+
+# --------------------------------------------------------------------------------- tools
+Metric = Literal["vqa", "anls", "relaxed", "mc", "yesno", "exact", "contains", "cider"]
+METRIC_NAMES: tuple[str, ...] = typing.get_args(Metric)
+DMArchitecture = Literal["tiny", "sd14"]
+
+
+def _check_family(name: str) -> None:
+    """Family names come from the registry (a registered plugin family is valid too)."""
+    from lavender.vlm.families import families
+
+    if name not in families():
+        raise UsageError(f"--arch {name!r}: choose one of {', '.join(sorted(families()))}")
+
+
+def _positive(**values: int | float | None) -> None:
+    bad = [k for k, v in values.items() if v is not None and v < 1]
+    if bad:
+        raise UsageError(", ".join(f"{flag_name(k)} must be >= 1, got {values[k]}" for k in bad))
+
+
+@dataclass
+class InspectConfig(Checked):
+    """Options of ``lavender inspect``: counts and checks of an attention dataset."""
+
+    attn_dir: str = opt(dataclasses.MISSING, "attention dataset folder", positional=True, metavar="ATTN_DIR")
+    json: bool = opt(False, "print one JSON object")
+    errors: int = opt(5, "show the first N bad records")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+
+
+@dataclass
+class TinyDMConfig(Checked):
+    """Options of ``lavender tiny-dm``: a random Stable Diffusion pipeline, built offline."""
+
+    out: str = opt(dataclasses.MISSING, "folder to write the pipeline to", positional=True, metavar="OUT")
+    seed: int = opt(0, "weight initialisation seed")
+    image_size: int = opt(64, "image side in px, tiny only (64: cross-attention maps of side 32, 16)")
+    architecture: DMArchitecture = opt("tiny", "tiny, or sd14: SD-1.4 layer sizes, random float16 weights")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        _positive(image_size=self.image_size)
+
+
+@dataclass
+class TinyVLMConfig(Checked):
+    """Options of ``lavender tiny-vlm``: a tiny random VLM of a supported family and its processor."""
+
+    arch: str = opt(dataclasses.MISSING, "model family to build (mllama, llava, qwen2_vl, idefics3, …)")
+    out: str = opt(dataclasses.MISSING, "output folder (created; existing files are overwritten)", positional=True,
+                   metavar="OUT")
+    seed: int = opt(0, "seed of the random weights")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        _check_family(self.arch)
+
+
+@dataclass
+class ExportConfig(Checked):
+    """Options of ``lavender export``: a run folder as a plain Hugging Face model folder."""
+
+    run_dir: str = opt(dataclasses.MISSING, "a `lavender train` RUN_DIR (LoRA adapter or full model)",
+                       positional=True, metavar="RUN_DIR")
+    out: str = opt(dataclasses.MISSING, "output folder")
+    merge: bool = opt(False, "merge the LoRA adapter into the base weights")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+
+
+@dataclass
+class GenerateConfig(Checked):
+    """Options of ``lavender generate``: one image and prompt, or every record of a file."""
+
+    model: str = opt(dataclasses.MISSING, "model folder / hub id, or a `lavender train` RUN_DIR")
+    image: str | None = opt(None, "one image (with --prompt)")
+    prompt: str | None = opt(None, "the question for --image")
+    data: str | None = opt(None, "records (JSONL): answer each record's last user turn")
+    out: str | None = opt(None, "with --data: write one JSON line per record (id, prediction)")
+    images_root: str | None = opt(None, "folder record image paths are relative to")
+    max_new_tokens: int = opt(32, "tokens generated per answer at most")
+    batch_size: int = opt(8, "prompts per generate() call")
+    device: str = opt("cpu", "cpu, cuda, cuda:1, ...")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        if bool(self.image) == bool(self.data):
+            raise UsageError("give either --image with --prompt, or --data")
+        if self.image and not self.prompt:
+            raise UsageError("--image needs --prompt")
+        _positive(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+
+
+@dataclass
+class EvalConfig(Checked):
+    """Options of ``lavender eval``: answer records and score the answers."""
+
+    model: str = opt(dataclasses.MISSING, "model folder / hub id, or a RUN_DIR")
+    data: str = opt(dataclasses.MISSING, "records (JSONL) with answers")
+    out: str = opt(dataclasses.MISSING, "output folder")
+    metric: Metric | None = opt(None, "metric for records without a 'metric' field: " + ", ".join(METRIC_NAMES))
+    limit: int | None = opt(None, "score only the first N usable records (smoke runs)")
+    batch_size: int = opt(16, "prompts per generate() call")
+    max_new_tokens: int = opt(16, "tokens generated per answer at most")
+    images_root: str | None = opt(None, "folder record image paths are relative to")
+    device: str = opt("cpu", "cpu, cuda, cuda:1, ...")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        _positive(limit=self.limit, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+
+
+# --------------------------------------------------------------------------------- data
+Converter = Literal["flickr30k", "captions", "rlaif-v", "ocrvqa", "llava", "sharegpt", "vqav2", "docvqa",
+                    "chartqa", "mmbench", "pope", "authors-attention"]
+CONVERTER_NAMES: tuple[str, ...] = typing.get_args(Converter)
+
+
+@dataclass
+class ConvertConfig(Checked):
+    """Options of ``lavender data convert``: a public dataset or benchmark file → records JSONL."""
+
+    fmt: Converter = opt(dataclasses.MISSING, "source format: " + ", ".join(CONVERTER_NAMES), aliases=["--from"])
+    inputs: list[str] = opt(dataclasses.MISSING, "input file(s) or folder(s) of shards; vqav2 takes questions AND "
+                            "annotations", aliases=["--in"], metavar="PATH")
+    out: str = opt(dataclasses.MISSING, "output records file", metavar="RECORDS.jsonl")
+    images_root: str | None = opt(None, "folder the source's image names are relative to (default: the input's)",
+                                  metavar="DIR")
+    image_dir: str | None = opt(None, "where embedded images are written (default: <out stem>_images next to --out)",
+                                metavar="DIR")
+    prompt: str | None = opt(None, "user prompt for captioning/benchmark formats; {question} and {options} are "
+                             "filled in")
+    split: str | None = opt(None, "Karpathy files only: keep this split (train, val, test, restval)")
+    attention_out: str | None = opt(None, "authors-attention only: the attention dataset to build from the "
+                                    "per-word maps", metavar="ATTN_DIR")
+    strict: bool = opt(False, "stop at the first bad row instead of skipping it")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+
+
+@dataclass
+class MixConfig(Checked):
+    """Options of ``lavender data mix``: sample several record files into one, by ratio.
+
+    Without ``--total``, ``A.jsonl:0.5`` takes half of A (a ratio > 1 up-samples); with
+    ``--total N`` the ratios are weights of N records.
+    """
+
+    sources: list[str] = opt(dataclasses.MISSING, "record files, each optionally :RATIO", positional=True,
+                             metavar="RECORDS.jsonl[:RATIO]")
+    out: str = opt(dataclasses.MISSING, "the mixture", metavar="MIX.jsonl")
+    seed: int = opt(0, "sampling seed")
+    total: int | None = opt(None, "exact size of the mixture; ratios become relative weights")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        if not self.sources:
+            raise UsageError("give at least one RECORDS.jsonl[:RATIO]")
+        _positive(total=self.total)
+
+
+@dataclass
+class SplitConfig(Checked):
+    """Options of ``lavender data split``: train/val by image (records sharing an image stay together)."""
+
+    data: str = opt(dataclasses.MISSING, "records to split", metavar="RECORDS.jsonl")
+    val: float = opt(dataclasses.MISSING, "fraction of images (image groups) for validation", metavar="FRACTION")
+    out: str = opt(dataclasses.MISSING, "folder for train.jsonl and val.jsonl", metavar="DIR")
+    seed: int = opt(0, "split seed")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+
+
+# --------------------------------------------------------------------------------- world
+WorldSplit = Literal["train", "validation", "test", "ood", "ood_combo", "ood_template"]
+WorldArch = Literal["mllama", "llava"]
+
+
+@dataclass
+class ScenesConfig(Checked):
+    """Options of ``lavender world scenes``: VQA records (or caption rows) of one split."""
+
+    out: str = opt(dataclasses.MISSING, "output folder (JSONL, images/, masks/)")
+    n: int = opt(dataclasses.MISSING, "number of records (one scene each)")
+    split: WorldSplit = opt("train", "train/validation/test; ood = unseen colour–shape pairs AND templates; "
+                            "ood_combo / ood_template = one shift each")
+    seed: int = opt(0, "seed; same seed → identical files")
+    captions: bool = opt(False, "write caption rows {id, image, caption} to <split>_captions.jsonl instead")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        _positive(n=self.n)
+
+
+@dataclass
+class TrainDMConfig(Checked):
+    """Options of ``lavender world train-dm``; a field left unset takes ``lavender.world.dm.DMConfig``'s
+    default (one place for the recipe's numbers)."""
+
+    out: str = opt(dataclasses.MISSING, "run folder (train_state.pt, train_info.json, pipeline/)")
+    steps: int | None = opt(None, "UNet + text-encoder steps (default: DMConfig's, 3000)")
+    vae_steps: int | None = opt(None, "VAE reconstruction steps, run first (default: DMConfig's)")
+    batch_size: int | None = opt(None, "scenes per UNet step (default: DMConfig's)")
+    vae_batch_size: int | None = opt(None, "scenes per VAE step (default: DMConfig's)")
+    seed: int | None = opt(None, "seed of weights, data and noise (default: DMConfig's, 0)")
+    lr: float | None = opt(None, "UNet/text-encoder peak learning rate (default: DMConfig's)")
+    unet_channels: list[int] | None = opt(None, "UNet block widths; one level per entry (default: DMConfig's)")
+    vae_channels: list[int] | None = opt(None, "VAE block widths; the latent side is 64 / 2^(len-1) (default: "
+                                         "DMConfig's)")
+    text_width: int | None = opt(None, "text encoder width (default: DMConfig's)")
+    text_layers: int | None = opt(None, "text encoder layers; 0 = token + position embeddings only, so no token "
+                                  "carries the rest of the caption (default: DMConfig's)")
+    chunk_minutes: float | None = opt(None, "stop after this many minutes, saving state (continue with --resume)")
+    resume: bool = opt(False, "continue the run saved in --out")
+    threads: int = opt(2, "torch CPU threads")
+    device: str = opt("cpu", "cpu (the recipe's budget is CPU time) or cuda; the batches are the same")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        if self.steps is not None and self.steps < 0:
+            raise UsageError(f"--steps must be >= 0, got {self.steps}")
+        _positive(vae_steps=self.vae_steps, batch_size=self.batch_size, vae_batch_size=self.vae_batch_size,
+                  threads=self.threads)
+
+    def overrides(self) -> dict[str, Any]:
+        """The recipe fields the user set (for ``DMConfig(**overrides)``)."""
+        names = ("steps", "vae_steps", "batch_size", "vae_batch_size", "seed", "lr", "unet_channels",
+                 "vae_channels", "text_width", "text_layers")
+        out = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        for k in ("unet_channels", "vae_channels"):
+            if k in out:
+                out[k] = tuple(out[k])
+        return out
+
+
+@dataclass
+class ScoreDMConfig(Checked):
+    """Options of ``lavender world score-dm``: how well a DM's Stage-1 maps localise colour/shape words."""
+
+    dm: str | None = opt(None, "pipeline folder (default: the committed world DM)")
+    n: int = opt(100, "held-out scenes")
+    seed: int = opt(1234, "scene seed")
+    split: WorldSplit = opt("test", "scene split")
+    out: str | None = opt(None, "write the result JSON here")
+    threads: int = opt(2, "torch CPU threads")
+    device: str = opt("cpu", "torch device")
+    combine: list[str] = opt(help="also score layer combinations: short layer names joined by '+', e.g. "
+                             "up_blocks.1.a0.attn2+up_blocks.0.a0.attn2", factory=list, metavar="L1+L2")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        _positive(n=self.n, threads=self.threads)
+
+
+@dataclass
+class TrainVLMConfig(Checked):
+    """Options of ``lavender world train-vlm`` (the defaults are ``lavender.world.vlm.Recipe``'s)."""
+
+    out: str = opt(dataclasses.MISSING, "model folder (+ training_state/ until the run completes)")
+    arch: WorldArch = opt("mllama", "architecture")
+    steps: int | None = opt(None, "optimiser steps in total (default: the recipe's)")
+    batch_size: int | None = opt(None, "scenes per step (default: the recipe's)")
+    seed: int = opt(0, "seed of weights and data")
+    lr: float | None = opt(None, "AdamW peak learning rate (default: the recipe's)")
+    vqa_fraction: float | None = opt(None, "share of examples that are seen-template questions instead of "
+                                     "captions (default: the recipe's, captions only)")
+    save_every: int | None = opt(None, "steps between resumable checkpoints (default: the recipe's)")
+    eval_every: int | None = opt(None, "steps between held-out evaluations (default: the recipe's)")
+    tiny: bool = opt(False, "a unit-test-sized model (seconds, learns little)")
+    chunk_minutes: float | None = opt(None, "stop after this many minutes, saving state (continue with --resume)")
+    resume: bool = opt(False, "continue the run saved in --out")
+    threads: int = opt(1, "torch CPU threads")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+        _positive(steps=self.steps, batch_size=self.batch_size, threads=self.threads)
+        if self.vqa_fraction is not None and not 0 <= self.vqa_fraction <= 1:
+            raise UsageError(f"--vqa-fraction must be in [0, 1], got {self.vqa_fraction}")
+
+    def overrides(self) -> dict[str, Any]:
+        """The recipe fields the user set (for ``Recipe(**overrides)``)."""
+        names = ("arch", "steps", "batch_size", "seed", "lr", "vqa_fraction", "save_every", "eval_every")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}

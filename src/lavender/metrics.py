@@ -27,7 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-METRICS = ("vqa", "anls", "relaxed", "mc", "yesno", "exact", "contains", "cider")
+from lavender.config import METRIC_NAMES as METRICS
 
 # ---------------------------------------------------------------------------------------------------
 # VQA answer normalisation (the rules of the official VQA evaluation script, as VLMEvalKit applies them)

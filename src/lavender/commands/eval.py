@@ -10,26 +10,14 @@ Example:
 
 from __future__ import annotations
 
-import argparse
+from lavender.config import EvalConfig
 
-from lavender.metrics import METRICS
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder / hub id, or a RUN_DIR")
-    parser.add_argument("--data", required=True, help="records (JSONL) with answers")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--metric", choices=METRICS, help="metric for records without a 'metric' field")
-    parser.add_argument("--limit", type=int, help="score only the first N usable records (smoke runs)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--images-root", help="folder record image paths are relative to")
-    parser.add_argument("--device", default="cpu")
+CONFIGS = (EvalConfig,)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: EvalConfig) -> int:
     from lavender.evaluate import evaluate, summary_table, write_results
-    from lavender.trainer import load_vlm
+    from lavender.vlm.load import load_vlm
 
     model, processor, _ = load_vlm(args.model)
     model.to(args.device).eval()

@@ -10,22 +10,18 @@ Example:
 
 from __future__ import annotations
 
-import argparse
+from lavender.config import ExportConfig, UsageError
+
+CONFIGS = (ExportConfig,)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a `lavender train` RUN_DIR (LoRA adapter or full model)")
-    parser.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
-    parser.add_argument("--out", required=True, help="output folder")
-
-
-def main(args: argparse.Namespace) -> int:
-    from lavender.trainer import load_vlm
+def main(args: ExportConfig) -> int:
+    from lavender.vlm.load import load_vlm
 
     model, processor, _ = load_vlm(args.run_dir)
     if hasattr(model, "merge_and_unload"):
         if not args.merge:
-            raise SystemExit(f"{args.run_dir} is a LoRA adapter; pass --merge to fold it into the base model")
+            raise UsageError(f"{args.run_dir} is a LoRA adapter; pass --merge to fold it into the base model")
         model = model.merge_and_unload()
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)

@@ -8,14 +8,11 @@ every example has one offset pair per word. Exit 1 when a check fails.
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from lavender.config import InspectConfig
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("attn_dir", metavar="ATTN_DIR", help="attention dataset folder")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--errors", type=int, default=5, metavar="N", help="show the first N bad records (5)")
+CONFIGS = (InspectConfig,)
 
 
 def inspect_store(root: str) -> dict:
@@ -44,12 +41,8 @@ def inspect_store(root: str) -> dict:
             "manifest": store.manifest}
 
 
-def main(args: argparse.Namespace) -> int:
-    try:
-        report = inspect_store(args.attn_dir)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"lavender inspect: {e}")
-        return 2
+def main(args: InspectConfig) -> int:
+    report = inspect_store(args.attn_dir)
     if args.json:
         print(json.dumps(report))
     else:

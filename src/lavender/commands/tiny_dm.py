@@ -10,19 +10,12 @@ weights; `--image-size` is ignored), for GPU speed benchmarks and real-size smok
 
 from __future__ import annotations
 
-import argparse
+from lavender.config import TinyDMConfig
+
+CONFIGS = (TinyDMConfig,)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", metavar="OUT", help="folder to write the pipeline to")
-    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
-    parser.add_argument("--image-size", type=int, default=64,
-                        help="image side in px, tiny only (default 64: cross-attention maps of side 32, 16)")
-    parser.add_argument("--architecture", choices=("tiny", "sd14"), default="tiny",
-                        help="tiny (default), or sd14: SD-1.4 layer sizes, random float16 weights")
-
-
-def main(args: argparse.Namespace) -> int:
+def main(args: TinyDMConfig) -> int:
     from lavender.diffusion.tiny import make_tiny_dm
 
     out = make_tiny_dm(args.out, seed=args.seed, image_size=args.image_size, architecture=args.architecture)

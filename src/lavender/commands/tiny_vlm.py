@@ -10,18 +10,12 @@ examples without downloads:
 
 from __future__ import annotations
 
-import argparse
+from lavender.config import TinyVLMConfig
+
+CONFIGS = (TinyVLMConfig,)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lavender.vlm.families import families
-
-    parser.add_argument("--arch", required=True, choices=sorted(families()), help="model family to build")
-    parser.add_argument("out", metavar="OUT", help="output folder (created; existing files are overwritten)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-
-
-def main(args: argparse.Namespace) -> int:
+def main(args: TinyVLMConfig) -> int:
     from lavender.vlm.families import families
 
     families()[args.arch].make_tiny(args.out, seed=args.seed)

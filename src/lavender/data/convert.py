@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lavender.config import UsageError
 from lavender.records import CAPTION_PROMPT, IMAGE_TAG
 
 # LLaVA-1.5's short-answer instruction, also VLMEvalKit's for VQA-style benchmarks
@@ -626,7 +627,7 @@ def read_vqa(inputs: Iterable[Path], ctx: Context) -> Iterator[Any]:
         else:
             yield from (obj["data"] if isinstance(obj, dict) else obj)
     if questions and not annotations:
-        raise ValueError("VQAv2 questions given without an annotations file; pass both with --in Q.json A.json")
+        raise UsageError("VQAv2 questions given without an annotations file; pass both with --in Q.json A.json")
     for path, q, subtype in questions:
         ctx.current_input = path
         ann = annotations.get(q.get("question_id"))
@@ -703,11 +704,11 @@ def convert(fmt: str, inputs: str | Path | list[str | Path], out: str | Path, *,
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(CONVERTERS)}")
     spec = CONVERTERS[fmt]
     if prompt is not None and spec.default_prompt is None:
-        raise ValueError(f"--prompt does not apply to {fmt!r}: its rows carry their own questions")
+        raise UsageError(f"--prompt does not apply to {fmt!r}: its rows carry their own questions")
     if split is not None and spec.read is not read_karpathy:
-        raise ValueError(f"--split applies to Karpathy-split files (flickr30k, captions), not {fmt!r}")
+        raise UsageError(f"--split applies to Karpathy-split files (flickr30k, captions), not {fmt!r}")
     if (attention_out is None) != (spec.finish is None):
-        raise ValueError("--attention-out is required by, and only by, --from authors-attention")
+        raise UsageError("--attention-out is required by, and only by, --from authors-attention")
     paths = [Path(p) for p in (inputs if isinstance(inputs, list) else [inputs])]
     out = Path(out)
     ctx = Context(out=out, images_root=Path(images_root) if images_root is not None else None,

@@ -26,6 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from lavender.config import UsageError
+
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """All rows of a JSONL file; a line that is not a JSON object raises naming the file and line."""
@@ -107,7 +109,7 @@ def _quotas(sizes: list[int], ratios: list[float], total: int | None) -> list[in
         return [round(r * n) for r, n in zip(ratios, sizes)]
     wsum = sum(ratios)
     if wsum <= 0:
-        raise ValueError("mix: with --total the ratios are weights and must not all be 0")
+        raise UsageError("mix: with --total the ratios are weights and must not all be 0")
     exact = [total * r / wsum for r in ratios]
     quotas = [math.floor(x) for x in exact]
     # largest remainders get the records left over, so the quotas add up to exactly `total`
@@ -139,7 +141,7 @@ def mix(sources: list[tuple[str | Path, float]], out: str | Path, seed: int = 0,
     if not sources:
         raise ValueError("mix needs at least one SOURCE.jsonl[:RATIO]")
     if total is not None and total < 0:
-        raise ValueError(f"--total must be >= 0, got {total}")
+        raise UsageError(f"--total must be >= 0, got {total}")
     out = Path(out)
     rng = random.Random(seed)
     loaded = [(Path(p), read_jsonl(p)) for p, _ in sources]
@@ -206,7 +208,7 @@ def split(data: str | Path, val: float, out_dir: str | Path, seed: int = 0) -> d
     are not detected. Record order is kept within each file.
     """
     if not 0.0 < val < 1.0:
-        raise ValueError(f"--val must be a fraction strictly between 0 and 1, got {val}")
+        raise UsageError(f"--val must be a fraction strictly between 0 and 1, got {val}")
     data, out_dir = Path(data), Path(out_dir)
     rows = read_jsonl(data)
     uf = _UnionFind()
