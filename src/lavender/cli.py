@@ -76,6 +76,8 @@ def run_command(name: str, argv: Sequence[str]) -> int:
         cfgs = parser.parse(rest, defaults=defaults)
     except UsageError as e:
         return report_error(prog, e, debug)
+    except SystemExit as e:  # argparse's own usage errors (already printed) and --help
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         return int(run(*cfgs) or 0)
     except (LavenderError, *EXPECTED) as e:
