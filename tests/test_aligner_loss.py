@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from lavender.aligner import VARIANTS, Aligner, minmax
+from lavender.aligner import VARIANTS, Aligner
 from lavender.loss import attention_loss
+from lavender.maps import minmax, minmax_np
 
 
 def test_loss_hand_computation() -> None:
@@ -72,3 +74,12 @@ def test_aligner_rejects_unknown_options() -> None:
     for kwargs in ({"variant": "huge"}, {"norm": "layer"}, {"act": "gelu"}, {"out_norm": "softmax"}):
         with pytest.raises(ValueError, match="unknown Aligner"):
             Aligner(1, **kwargs)
+
+
+def test_minmax_torch_and_numpy_agree_and_eps_zero_is_exact() -> None:
+    x = torch.rand(3, 5, 5) * 1e-9  # a range under eps: eps = 0 divides exactly, eps > 0 clamps
+    x[1] = 0.25  # a constant map becomes 0 in both
+    np.testing.assert_allclose(minmax(x, eps=0.0).numpy(), minmax_np(x.numpy()), atol=1e-5)
+    assert float(minmax(x, eps=0.0)[0].max()) == pytest.approx(1.0)
+    assert float(minmax(x)[0].max()) < 1.0  # clamped at 1e-8
+    assert minmax_np(x.numpy())[1].max() == 0.0

@@ -16,21 +16,11 @@ import torch
 from torch import nn
 
 from lavender.config import ALIGNER_ACTS, ALIGNER_NORMS
+from lavender.maps import minmax  # noqa: F401  (re-exported)
 
 VARIANTS = {"light": 1, "sim": 2, "deep": 4, "mlp": 2, "identity": 0}  # number of hidden (expanded) layers
 NORMS = ALIGNER_NORMS
 ACTS = ALIGNER_ACTS
-
-
-def minmax(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Differentiable per-map min–max to [0, 1] over the last two dims; a constant map becomes 0.
-
-    The range is clamped at ``eps`` rather than ``eps`` added: raw attention maps can span only
-    ~1e-4, where ``+ 1e-6`` would already pull the maximum 1% below 1.
-    """
-    lo = x.amin(dim=(-2, -1), keepdim=True)
-    hi = x.amax(dim=(-2, -1), keepdim=True)
-    return (x - lo) / (hi - lo).clamp_min(eps)
 
 
 class Aligner(nn.Module):

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lavender.maps import minmax_np
+
 
 # --- scalar measures ---------------------------------------------------------------------------------
 def normalized_entropy(maps: np.ndarray | torch.Tensor, eps: float = 1e-12) -> np.ndarray:
@@ -63,9 +65,7 @@ def mass_ratio(attn: np.ndarray, mask: np.ndarray) -> float:
 
 
 def _binarize(x: np.ndarray, threshold: float) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    lo, hi = x.min(), x.max()
-    return (x - lo) / (hi - lo) >= threshold if hi > lo else np.zeros_like(x, dtype=bool)
+    return minmax_np(np.asarray(x, dtype=np.float64)[None])[0] >= threshold
 
 
 def iou(attn: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
@@ -78,13 +78,6 @@ def iou(attn: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
         m = resize_mask(m, a.shape[0]) >= 0.5
     union = (a | m).sum()
     return float((a & m).sum() / union) if union else float("nan")
-
-
-def minmax_np(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    lo = x.min(axis=(-2, -1), keepdims=True)
-    hi = x.max(axis=(-2, -1), keepdims=True)
-    return (x - lo) / np.maximum(hi - lo, 1e-12)
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:

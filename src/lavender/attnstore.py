@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from lavender.config import LavenderError, UsageError
+from lavender.maps import minmax_np
 
 FORMAT = "lavender-attention"
 FORMAT_VERSION = 1
@@ -356,9 +357,8 @@ def export_authors_layout(store: AttentionStore | str | Path, images: Mapping[st
             if word in written:
                 continue
             written.add(word)
-            lo, hi = float(m.min()), float(m.max())
-            if lo < 0 or hi > 1:
-                m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+            if m.min() < 0 or m.max() > 1:
+                m = minmax_np(m).astype(np.float32)
             Image.fromarray((m * 255).round().astype(np.uint8), mode="L").save(
                 folder / f"attention_{escape_word(word)}.jpg", quality=95)
             n += 1

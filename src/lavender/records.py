@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lavender.config import QA_MODES, LavenderError
+from lavender.maps import minmax_np
 
 CAPTION_PROMPT = "Describe the image."
 IMAGE_TAG = "<image>"
@@ -246,9 +247,7 @@ def load_image(path: str | Path):
         raise ValueError(f"image {str(path)!r} is {w}×{h} px; images need at least {MIN_SIDE} px per side")
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit and float greyscale: rescale the actual range to 8 bits (PIL's convert('L') clips)
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        a = minmax_np(np.asarray(img, dtype=np.float64)) * 255.0
         img = Image.fromarray(a.round().astype(np.uint8), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")

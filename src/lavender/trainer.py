@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from lavender.aligner import minmax
 from lavender.config import (
     LAMBDA_SCHEDULES,
     RUN_FORMAT_VERSION,
@@ -36,6 +35,7 @@ from lavender.config import (
     warn_ignored_alignment,
 )
 from lavender.loss import attention_loss, kl_loss, mass_loss, softmax_map
+from lavender.maps import minmax
 from lavender.vlm.aggregate import matched_word_maps, word_grid_mass
 from lavender.vlm.load import load_vlm
 

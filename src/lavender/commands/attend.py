@@ -119,7 +119,7 @@ def write_figure(path: str, image: Any, words: list[str], maps: np.ndarray, fram
 def main(args: AttendConfig, alignment: AlignmentConfig) -> int:
     from PIL import Image
 
-    from lavender.aligner import minmax
+    from lavender.maps import minmax
     from lavender.vlm.load import load_vlm
 
     try:

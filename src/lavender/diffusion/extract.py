@@ -22,6 +22,7 @@ from lavender.config import DTYPE_NAMES, FRAMES, NORMALIZATIONS, RECIPES, Extrac
 from lavender.diffusion.capture import AttentionAccumulator, cross_attention_sides, install_capture
 from lavender.diffusion.inversion import NoiseSchedule, run_ddim, run_nulltext
 from lavender.frames import PAD_FILL, frame_image  # noqa: F401  (Stage 1's frame, re-exported)
+from lavender.maps import minmax
 from lavender.records import Record, RecordError, dm_text, iter_records, load_image
 from lavender.words import split_words, word_token_spans
 
@@ -117,8 +118,7 @@ def word_maps(text: str, offsets: list[tuple[int, int]], special: list[bool], to
             continue
         m = token_maps[toks].mean(0)  # (S, S)
         if normalize == "minmax":
-            lo, hi = m.min(), m.max()
-            m = (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
+            m = minmax(m, eps=0.0)
         kept_w.append(w.text)
         kept_o.append((w.start, w.end))
         maps.append(m)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from lavender.analysis import iou, mass_ratio
+from lavender.maps import minmax_np
 from lavender.world.scenes import SIZE, downsample_masks, sample_batch
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints" / "dm"
@@ -561,8 +562,7 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
                     a = maps[g][j].get(tuple(off))
                     if kind is None or a is None:
                         continue
-                    lo, hi = a.min(), a.max()
-                    mm = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+                    mm = minmax_np(a)
                     acc[g][kind].append((mass_ratio(a, mask), mass_ratio(mm, mask),
                                          thresholded_iou(a, mask, threshold),
                                          mass_ratio(a, other) if other is not None else float("nan")))
