@@ -17,10 +17,6 @@ from lavender.world.vlm import (
     Recipe,
     build_world_vlm,
     encode,
-    evaluate_vqa,
-    exact_match,
-    majority_answer,
-    normalise_answer,
     pretrain_examples,
     train_vlm,
 )
@@ -150,17 +146,7 @@ def test_encode_labels_only_the_caption():
         assert tok.convert_ids_to_tokens(ids) == conv[1]["content"].split() + [tok.eos_token]
 
 
-def test_exact_match_by_hand():
-    items = [{"answers": ["yes"], "type": "existence"}, {"answers": ["red"], "type": "colour"},
-             {"answers": ["2"], "type": "count"}, {"answers": ["no"], "type": "existence"}]
-    got = exact_match(["Yes.", "blue", " 2 \nmore", "yes"], items, majority=majority_answer(items))
-    assert got["accuracy"] == 0.5 and got["n"] == 4
-    assert got["per_type"] == {"colour": 0.0, "count": 1.0, "existence": 0.5}
-    assert got["majority_answer"] == "2" and got["majority"] == 0.25  # ties: alphabetical first
-    assert normalise_answer("  Left!  ") == "left"
-
-
-def test_evaluate_vqa_batched_matches_single_generation(trained, tmp_path):
+def test_batched_evaluation_matches_single_generation(trained, tmp_path):
     """Two answers set to the model's own unpadded greedy output, two wrong: exactly 50 % under padding."""
     from lavender.chat import render
     from lavender.vlm.load import load_vlm
@@ -187,10 +173,15 @@ def test_evaluate_vqa_batched_matches_single_generation(trained, tmp_path):
         rows.append({"id": f"q{i}", "images": [f"{i}.png"], "type": "colour" if i % 2 else "count",
                      "messages": [*msgs, {"role": "assistant", "content": answer}], "answers": [answer]})
     (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    got = evaluate_vqa(model, processor, str(tmp_path / "vqa.jsonl"), batch_size=4, majority="zebra")
-    assert got["predictions"] == {f"q{i}": normalise_answer(t) for i, t in enumerate(truth)}
-    assert got["accuracy"] == 0.5 and got["majority"] == 0.5
-    assert got["per_type"] == {"count": 0.5, "colour": 0.5}
+    from lavender.evaluate import evaluate
+    from lavender.metrics import normalize_text
+
+    got = evaluate(model, processor, str(tmp_path / "vqa.jsonl"), metric="exact", batch_size=4, max_new_tokens=4)
+    preds = {p["id"]: normalize_text(p["prediction"]) for p in got["predictions"]}
+    assert preds == {f"q{i}": normalize_text(t) for i, t in enumerate(truth)}
+    exact = got["scores"]["exact"]
+    assert exact["overall"]["exact"]["exact"] == 0.5
+    assert {t: v["exact"]["exact"] for t, v in exact["by_type"].items()} == {"count": 0.5, "colour": 0.5}
 
 
 @pytest.mark.parametrize("arch", ["mllama", "llava"])
@@ -198,10 +189,10 @@ def test_committed_checkpoint_sees_colours(arch):
     """The committed world VLM loads like a hub model and names the colour of one-object scenes."""
     from pathlib import Path
 
+    from lavender.generation import generate
     from lavender.records import CAPTION_PROMPT
     from lavender.vlm.load import load_vlm
     from lavender.world.scenes import sample_batch
-    from lavender.world.vlm import generate_answers
 
     path = Path(__file__).parents[1] / "src/lavender/world/checkpoints" / f"vlm_{arch}"
     if not (path / "model.safetensors").exists():
@@ -210,7 +201,8 @@ def test_committed_checkpoint_sees_colours(arch):
     assert family.name == arch
     b = sample_batch(np.random.default_rng(99), 12, split="test", objects=(1, 1))
     convs = [[{"role": "user", "content": "<image>" + CAPTION_PROMPT}]] * 12
-    captions = generate_answers(model, processor, [Image.fromarray(im) for im in b.images], convs,
-                                max_new_tokens=5)
+    captions = generate(model.eval(), processor, [(c, [Image.fromarray(im)]) for c, im in zip(convs, b.images)],
+                        max_new_tokens=5, batch_size=12)
+    captions = [c.lower().strip() for c in captions]
     right = sum(c.split()[1:2] == t.split()[1:2] for c, t in zip(captions, b.captions))
     assert right >= 9, list(zip(captions, b.captions))  # chance is 2 of 12
