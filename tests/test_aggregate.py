@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lavender.vlm.aggregate import LearnedProjections, aggregate, pool, row_weights, word_maps
+from lavender.vlm.aggregate import LearnedProjections, aggregate, average_word_rows, pool, row_weights
 from lavender.vlm.families import ImageGrid, families
 from lavender.vlm.rows import WordRows, batch_rows
 
@@ -70,7 +70,7 @@ def test_r_t_changes_a_multi_row_word_map() -> None:
     assert batch.rows.tolist() == [[1, 2, 3]]
     r = row_weights(batch.rows, None, seq_len=4)  # 0.5, 0.75, 1.0
     pooled = pool(maps, "flow-sum", r)
-    wm = word_maps(pooled, batch)[0]
+    wm = average_word_rows(pooled, batch)[0]
     torch.testing.assert_close(wm[0, 0], torch.tensor([0.25, 0.5]))  # mean(0.5*[1,0], 1.0*[0,1])
     torch.testing.assert_close(wm[1, 0], torch.tensor([0.0, 0.0]))
 

@@ -16,7 +16,7 @@ from lavender.diffusion.capture import (
     cross_attention_sides,
     install_capture,
 )
-from lavender.diffusion.extract import DiffusionModel, ExtractConfig, Extractor, word_maps
+from lavender.diffusion.extract import DiffusionModel, ExtractConfig, Extractor, words_from_token_maps
 from lavender.diffusion.inversion import run_ddim, run_nulltext
 
 
@@ -111,7 +111,7 @@ def test_word_merging_with_tokenizer_offsets(dm):
     toks = dm.tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
     # token t's map is the constant t: a word's map is then the mean of its token positions
     token_maps = torch.arange(77, dtype=torch.float32)[:, None, None].expand(77, 4, 4).clone()
-    words, offs, maps, lost = word_maps(text, offsets, special, token_maps, normalize="none")
+    words, offs, maps, lost = words_from_token_maps(text, offsets, special, token_maps, normalize="none")
     assert words == ["a", "red", "circle_x", "left", "of", "e.g", "squares", "squares"] and lost == 0
     assert offs[2] == (6, 14) and offs[5] == (24, 27) and offs[6] == (29, 36) and offs[7] == (38, 45)
 
@@ -124,9 +124,9 @@ def test_word_merging_with_tokenizer_offsets(dm):
     assert len(pos(*offs[2])) == 3 and len(pos(*offs[5])) == 3 and len(pos(*offs[6])) > 1  # multi-token words
     assert maps[6][0, 0] != maps[7][0, 0]  # each occurrence its own map
     # min-max: each map in [0, 1]; a constant map becomes zeros (documented)
-    _, _, mm, _ = word_maps(text, offsets, special, torch.rand(77, 4, 4))
+    _, _, mm, _ = words_from_token_maps(text, offsets, special, torch.rand(77, 4, 4))
     assert mm.min() >= 0 and mm.max() <= 1 and np.allclose(mm.max(axis=(1, 2)), 1)
-    _, _, flat, _ = word_maps(text, offsets, special, token_maps)
+    _, _, flat, _ = words_from_token_maps(text, offsets, special, token_maps)
     assert np.all(flat == 0)
 
 
@@ -136,7 +136,7 @@ def test_long_text_is_truncated_and_reported(dm):
     assert enc["truncated"] == [True, False]
     offsets = [tuple(o) for o in enc["offset_mapping"][0].tolist()]
     special = [bool(s) for s in enc["special_tokens_mask"][0].tolist()]
-    words, _, maps, lost = word_maps(text, offsets, special, torch.rand(77, 4, 4))
+    words, _, maps, lost = words_from_token_maps(text, offsets, special, torch.rand(77, 4, 4))
     assert len(words) == 75 and lost == 45 and maps.shape == (75, 4, 4)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lavender.world.dm import DMConfig, LayerMaps, Trainer, mass_ratio, thresholded_iou, train_dm
+from lavender.world.dm import DMConfig, DMTrainer, LayerMaps, mass_ratio, thresholded_iou, train_dm
 from lavender.world.scenes import SIZE, downsample_masks, sample_batch
 
 TINY = dict(steps=2, vae_steps=1, batch_size=2, vae_batch_size=2, unet_channels=(16, 16), vae_channels=(8, 8, 8),
@@ -52,7 +52,7 @@ def test_resume_equals_straight_run(tmp_path):
     torch.set_num_threads(1)
     cfg = DMConfig(**{**TINY, "steps": 4, "vae_steps": 2})
     straight = train_dm(tmp_path / "a", cfg, progress=False)
-    first = Trainer(tmp_path / "b", cfg)
+    first = DMTrainer(tmp_path / "b", cfg)
     first.run(max_steps=3, progress=False)  # 2 VAE steps + 1 UNet step, then "the session ends"
     assert not first.done and first.step == 1
     second = train_dm(tmp_path / "b", cfg, resume=True, progress=False)
@@ -64,7 +64,7 @@ def test_resume_equals_straight_run(tmp_path):
     for k, v in straight.unet.state_dict().items():
         torch.testing.assert_close(second.unet.state_dict()[k], v, rtol=1e-4, atol=1e-5)
     with pytest.raises(FileExistsError, match="--resume"):
-        Trainer(tmp_path / "a", cfg)
+        DMTrainer(tmp_path / "a", cfg)
 
 
 def test_mass_ratio_and_iou_on_hand_made_maps():
@@ -91,7 +91,7 @@ def test_layer_maps_resolution_groups_equal_stage1_extractor(tiny_run):
     out, _ = tiny_run
     batch = sample_batch(np.random.default_rng(5), 2, split="test")
     lm = LayerMaps(out / "pipeline", steps=2, inversion_steps=1)
-    maps = lm.word_maps(batch.images, batch.captions)
+    maps = lm.maps_by_group(batch.images, batch.captions)
     assert {"res16", "res8", "all"} <= set(maps)
     ext = Extractor(ExtractConfig(dm=str(out / "pipeline"), data="-", out="-", steps=2, inversion_steps=1,
                                   resolutions=[16], normalize="none", batch_size=2))
@@ -145,13 +145,13 @@ def test_sigterm_saves_the_chunk_and_resume_continues(tmp_path):
 
     torch.set_num_threads(1)
     cfg = DMConfig(**{**TINY, "steps": 100_000})
-    trainer = Trainer(tmp_path, cfg)
+    trainer = DMTrainer(tmp_path, cfg)
     timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     with pytest.raises(SystemExit, match="--resume"):
         trainer.run(progress=False)
     timer.join()
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
-    again = Trainer(tmp_path, cfg, resume=True)
+    again = DMTrainer(tmp_path, cfg, resume=True)
     assert again.vae_step == 1 and again.step == trainer.step > 0
     assert len(again.log) == 1 + trainer.step

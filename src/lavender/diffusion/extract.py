@@ -98,7 +98,7 @@ def to_pixels(images: list) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- words
-def word_maps(text: str, offsets: list[tuple[int, int]], special: list[bool], token_maps: torch.Tensor,
+def words_from_token_maps(text: str, offsets: list[tuple[int, int]], special: list[bool], token_maps: torch.Tensor,
               normalize: str = "minmax") -> tuple[list[str], list[tuple[int, int]], np.ndarray, int]:
     """One map per word occurrence: mean of its tokens' maps, then normalised.
 
@@ -188,7 +188,7 @@ class Extractor:
         for j, (rec, text, im) in enumerate(zip(records, texts, images)):
             offsets = [tuple(o) for o in enc["offset_mapping"][j].tolist()]
             special = [bool(s) for s in enc["special_tokens_mask"][j].tolist()]
-            words, offs, maps, lost = word_maps(text, offsets, special, token_maps[j], c.normalize)
+            words, offs, maps, lost = words_from_token_maps(text, offsets, special, token_maps[j], c.normalize)
             out.append({"id": rec.id, "words": words, "offsets": offs, "maps": maps, "truncated": enc["truncated"][j],
                         "words_lost": lost, "image_size": list(im.size)})
         return out, mse

@@ -9,7 +9,7 @@ Order of operations (each a small function, tested against hand computations):
    multiply to ~1e-24, and rows of a long image underflow even float32; PITFALLS #8) or by sum, then
    weight each row by r_t = t / N (PITFALLS #7). ``learn`` pools like ``mean-mean`` the maps that
    the capture computed from :class:`LearnedProjections` instead of the model's own q/k.
-2. :func:`word_maps` — a word's map is the mean over its rows (:mod:`lavender.vlm.rows`).
+2. :func:`average_word_rows` — a word's map is the mean over its rows (:mod:`lavender.vlm.rows`).
 3. :func:`grid_maps` — the image's key columns laid on its grid (``ImageGrid``), brought into the
    attention dataset's frame at 32×32 by :mod:`lavender.vlm.grid`.
 
@@ -91,7 +91,7 @@ def pool(maps: dict[int, torch.Tensor], aggregation: str = "mean-mean", r: torch
     raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
 
 
-def word_maps(pooled: torch.Tensor, batch: RowBatch) -> list[torch.Tensor]:
+def average_word_rows(pooled: torch.Tensor, batch: RowBatch) -> list[torch.Tensor]:
     """Per sample, ``(n_words, C, K)``: each word's map is the mean over its rows.
 
     Done as one matmul with a ``(n_words, R)`` averaging matrix per sample: indexing the pooled
@@ -151,7 +151,7 @@ def aggregate(maps: dict[int, torch.Tensor], batch: RowBatch, grids: Sequence[Im
     if aggregation.startswith("flow"):
         r = row_weights(batch.rows, attention_mask, seq_len=None if attention_mask is not None else
                         int(batch.rows.max()) + 1)
-    per_word = word_maps(pool(maps, aggregation, r), batch)
+    per_word = average_word_rows(pool(maps, aggregation, r), batch)
     out = []
     for b, wm in enumerate(per_word):
         grid = grids[b]
@@ -258,5 +258,5 @@ def word_grid_mass(captured: dict[int, torch.Tensor], align: Any) -> torch.Tenso
     the image's spatial grid. The captured slice is normalised over ALL keys, so ``1 −`` this is the
     mass on everything else the row sees — CLS tokens, padding tiles, separators, text (a sink)."""
     totals = pool(captured, "mean-mean").sum(dim=-1, keepdim=True)  # (B, 1, R, 1)
-    per_sample = word_maps(totals, align.rows)  # each (n_words, 1, 1)
+    per_sample = average_word_rows(totals, align.rows)  # each (n_words, 1, 1)
     return torch.cat([w[:, 0, 0] for w in per_sample]) if per_sample else totals.new_zeros(0)

@@ -17,7 +17,7 @@ text token after the sample's first image token. Image placeholders and special 
 words, and rows before ``family.first_text_row`` (Mllama: before the first ``<|image|>``, rows that
 attend uniformly by design) are dropped.
 
-A word's map is the mean over its rows (:func:`lavender.vlm.aggregate.word_maps`).
+A word's map is the mean over its rows (:func:`lavender.vlm.aggregate.average_word_rows`).
 """
 
 from __future__ import annotations

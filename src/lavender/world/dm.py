@@ -230,7 +230,7 @@ def _save_on_sigterm():
     return signal.signal(signal.SIGTERM, stop)
 
 
-class Trainer:
+class DMTrainer:
     """Resumable two-phase training of the world DM in ``out`` (see the module docstring)."""
 
     def __init__(self, out: str | Path, cfg: DMConfig, resume: bool = False, device: str = "cpu"):
@@ -394,13 +394,13 @@ class Trainer:
 
 
 def train_dm(out: str | Path, cfg: DMConfig, resume: bool = False, chunk_minutes: float | None = None,
-             progress: bool = True, device: str = "cpu") -> Trainer:
+             progress: bool = True, device: str = "cpu") -> DMTrainer:
     """Train (or continue) the world DM in ``out``; one call runs one chunk of ≤ ``chunk_minutes``.
 
     The pipeline is written to ``out/pipeline`` at the end of every chunk after the VAE phase; call
     again with ``resume=True`` until ``trainer.done``.
     """
-    trainer = Trainer(out, cfg, resume=resume, device=device)
+    trainer = DMTrainer(out, cfg, resume=resume, device=device)
     trainer.run(chunk_minutes, progress=progress)
     return trainer
 
@@ -491,14 +491,14 @@ class LayerMaps:
                                  f"{[_layer_name(k) for k in self.sides]}")
             self.groups["+".join(names)] = [self.groups[n][0] for n in names]
 
-    def word_maps(self, images: np.ndarray, captions: list[str]) -> dict[str, list[dict]]:
+    def maps_by_group(self, images: np.ndarray, captions: list[str]) -> dict[str, list[dict]]:
         """Raw (``normalize="none"``) word maps per group: ``{group: [{(start, end): (S, S) map}, ...]}``.
 
         ``images`` (n, H, W, 3) uint8; one dict per caption, keyed by the word's character offsets.
         """
         from PIL import Image
 
-        from lavender.diffusion.extract import frame_image, to_pixels, word_maps
+        from lavender.diffusion.extract import frame_image, to_pixels, words_from_token_maps
         from lavender.diffusion.inversion import run_ddim
 
         m, n, size = self.model, len(captions), self.map_size
@@ -522,7 +522,7 @@ class LayerMaps:
             for j, cap in enumerate(captions):
                 offsets = [tuple(o) for o in enc["offset_mapping"][j].tolist()]
                 special = [bool(x) for x in enc["special_tokens_mask"][j].tolist()]
-                _, offs, maps, _ = word_maps(cap, offsets, special, token_maps[j], "none")
+                _, offs, maps, _ = words_from_token_maps(cap, offsets, special, token_maps[j], "none")
                 out[g].append(dict(zip(offs, maps)))
         return out
 
@@ -550,7 +550,7 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
     bar = tqdm(total=n, disable=not progress, desc="score-dm", unit="img")
     for i in range(0, n, batch_size):
         caps, gts = batch.captions[i: i + batch_size], batch.word_masks[i: i + batch_size]
-        maps = lm.word_maps(batch.images[i: i + batch_size], caps)
+        maps = lm.maps_by_group(batch.images[i: i + batch_size], caps)
         for j, gt in enumerate(gts):
             masks = downsample_masks(gt.masks, map_size)  # (n_words, S, S) coverage
             for k, (w, off, mask) in enumerate(zip(gt.words, gt.offsets, masks)):
