@@ -1,4 +1,4 @@
-"""Aligner shapes/normalisation and L_att against hand computations (PITFALLS #6)."""
+"""Aligner shapes/normalisation and L_att against hand computations (docs/pitfalls.md #6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Words ↔ rows: sub-words, repeats, punctuation, and the off-by-one of PITFALLS #3 both ways."""
+"""Words ↔ rows: sub-words, repeats, punctuation, and the off-by-one of docs/pitfalls.md #3 both ways."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Expand → non-linearity → squeeze to ONE channel, with 3×3 convolutions (the
 convolutions beat an MLP; the ``mlp`` variant is kept as that baseline and uses 1×1 convolutions,
 i.e. the same per-pixel MLP over channels, with no spatial context). ``C`` is the number of heads
 for the ``heads`` aggregation, else 1. The output is min–max normalised per map, exactly as the
-Stage 1 maps are stored (METHOD.md step 6), so the MSE compares like with like.
+Stage 1 maps are stored (docs/method.md, Stage 1 step 6), so the MSE compares like with like.
 
 Sizes with the default ``hidden=64`` (C = 1 … 32 input channels): light 1.3–19 k parameters,
 sim 38–56 k, deep 113–130 k, mlp 5–7 k.

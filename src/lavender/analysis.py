@@ -1,6 +1,6 @@
 """Attention analysis: entropy, localisation and alignment of DM vs VLM word maps, and figures.
 
-Definitions (METHOD.md, Evaluation):
+Definitions (docs/method.md, "Evaluation measures"):
 
 - **entropy** of a non-negative map: renormalise to sum 1, Shannon entropy divided by ``ln(H·W)``
   (0 = all mass on one pixel, 1 = uniform). VLM maps are measured on the aggregated attention

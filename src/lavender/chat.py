@@ -4,7 +4,7 @@ Every family renders with its processor's own chat template (``processor.apply_c
 the text a model is trained on is exactly what it sees at inference. Labels are derived from
 *rendered prefixes*: the assistant turn ``i`` occupies tokens ``[len(tok(prefix_i + generation
 prompt)), len(tok(messages[: i + 1])))``. Everything else — system prompt, user turns, image tokens,
-padding — is −100 (the authors' code compared a list to an int and trained on prompts: PITFALLS #13).
+padding — is −100 (the authors' code compared a list to an int and trained on prompts: docs/pitfalls.md #13).
 """
 
 from __future__ import annotations

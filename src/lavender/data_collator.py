@@ -2,7 +2,7 @@
 
 One collator serves every family: the chat template comes from the family's processor, image
 tokens and their grid from the family (:meth:`Family.image_grids`), and the DM maps from the
-attention dataset, joined by example id (never by position in a list: PITFALLS #12). A record
+attention dataset, joined by example id (never by position in a list: docs/pitfalls.md #12). A record
 without maps, or whose words match nothing, still trains ``L_VLM``.
 """
 
@@ -37,7 +37,7 @@ class AlignmentBatch:
             unmatched words are not captured at all.
         grids: per sample, the :class:`ImageGrid` of its first image (the one the DM map describes).
         targets: ``(N, S, S)`` DM maps of the matched words, in sample then word order (moved to
-            the model's device by the trainer: PITFALLS #11).
+            the model's device by the trainer: docs/pitfalls.md #11).
         attention_mask: the batch's mask (row weights r_t of the flow aggregations).
         n_words: words considered in the batch (matched or not), for the match rate.
         frame: the attention dataset's frame (squash / pad / center-crop).

@@ -1,6 +1,6 @@
 """Input records: read and validate JSONL files or HF datasets, load images, build the DM's text.
 
-Two row shapes are accepted (DESIGN.md, "Records"):
+Two row shapes are accepted (docs/records.md):
 
 - conversations: ``{"id", "images": [...], "messages": [{"role", "content"}, ...], "align_text"?}``
   — the ecosystem's (TRL, LLaMA-Factory) shape, ``<image>`` tags in the user turn;

@@ -13,7 +13,7 @@ The Lavender head (Aligner, and the ``learn`` projections when used) is a submod
 model, so DDP/FSDP see its parameters, but it is saved beside the adapter in
 ``lavender_head.safetensors``: the adapter folder stays a plain PEFT folder that
 ``PeftModel.from_pretrained(base, RUN_DIR)`` loads (inference needs no Aligner), and
-:func:`load_head` restores it for resuming and analysis (PITFALLS #15).
+:func:`load_head` restores it for resuming and analysis (docs/pitfalls.md #15).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ SCHEDULES = LAMBDA_SCHEDULES
 
 def lambda_at(step: int, lam: float, schedule: str = "constant", decay_steps: int = 1000,
               warmup_steps: int = 100) -> float:
-    """λ at optimiser step ``step``; always within ``[0, lam]`` (PITFALLS #18: the authors' inverse decay
+    """λ at optimiser step ``step``; always within ``[0, lam]`` (docs/pitfalls.md #18: the authors' inverse decay
     went negative for λ > 1)."""
     if lam <= 0:
         return 0.0

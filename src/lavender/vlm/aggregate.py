@@ -2,12 +2,12 @@
 
 Order of operations (each a small function, tested against hand computations):
 
-1. :func:`pool` — heads and layers → ``(B, C, R, K)`` per the aggregation (METHOD.md Stage 2):
+1. :func:`pool` — heads and layers → ``(B, C, R, K)`` per the aggregation (docs/method.md, Stage 2):
    ``X-Y`` pools heads with X then layers with Y (``mean``/``max``); ``heads`` averages layers and
    keeps the H heads as channels for the Aligner; ``flow-mult`` / ``flow-sum`` (App. D) combine the
    head-averaged maps of successive layers by product (in LOG space: eight softmax maps of ~1e-3
-   multiply to ~1e-24, and rows of a long image underflow even float32; PITFALLS #8) or by sum, then
-   weight each row by r_t = t / N (PITFALLS #7). ``learn`` pools like ``mean-mean`` the maps that
+   multiply to ~1e-24, and rows of a long image underflow even float32; docs/pitfalls.md #8) or by sum, then
+   weight each row by r_t = t / N (docs/pitfalls.md #7). ``learn`` pools like ``mean-mean`` the maps that
    the capture computed from :class:`LearnedProjections` instead of the model's own q/k.
 2. :func:`average_word_rows` — a word's map is the mean over its rows (:mod:`lavender.vlm.rows`).
 3. :func:`grid_maps` — the image's key columns laid on its grid (``ImageGrid``), brought into the

@@ -12,9 +12,9 @@ backend named ``"lavender"`` and not a fork of any modeling file:
   probabilities. Nothing is detached: L_att's gradient reaches q/k projections (and LoRA on them).
 
 The mask builder is registered too (``AttentionMaskInterface``): without it transformers silently
-passes ``mask=None`` to an unknown backend, dropping padding and prefix masks (HF_NOTES.md).
+passes ``mask=None`` to an unknown backend, dropping padding and prefix masks.
 
-State is per step (PITFALLS #9, #10): the caller arms an :class:`AttentionCapture` with a
+State is per step (docs/pitfalls.md #9, #10): the caller arms an :class:`AttentionCapture` with a
 :class:`CapturePlan` before the forward, reads ``capture.maps`` after it and clears it after
 ``backward``. Maps are stored by layer (overwritten, never appended), so the recomputation that
 gradient checkpointing (``use_reentrant=False``) runs during ``backward`` cannot add stale maps.

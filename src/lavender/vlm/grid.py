@@ -2,7 +2,7 @@
 
 A family (:mod:`lavender.vlm.families`) says which keys are an image's tokens and which region of
 the ORIGINAL image their grid spans (``ImageGrid.covers``). Stage 1 brought the image to the DM
-in one of three frames (METHOD.md, Stage 1 step 7; ``lavender.diffusion.extract``):
+in one of three frames (docs/method.md, Stage 1 step 7; ``lavender.diffusion.extract``):
 
 - ``squash``: the whole image resized to a square (aspect ratio not kept);
 - ``pad``: the image padded to a square ``max(W, H)`` with the padding centred, then resized;

@@ -5,7 +5,7 @@ predictions. Two readings of "the row of a word" (``--row-owner``):
 
 * ``next`` (default, the paper's "predicted words"): the row at position ``t`` is the attention the
   model used to PREDICT token ``t + 1``, so a word whose tokens sit at positions ``t0..t1`` owns rows
-  ``t0 - 1 .. t1 - 1``. PITFALLS #3: the authors' code named the row after the model's argmax at
+  ``t0 - 1 .. t1 - 1``. docs/pitfalls.md #3: the authors' code named the row after the model's argmax at
   ``t``, which is wrong whenever the model's guess is wrong; here the word is read from the LABEL
   tokens (``labels != -100``) and the row is the one before each of its tokens. With HF's
   unshifted ``labels`` (the model shifts internally) the label token at ``t`` is ``input_ids[t]``,

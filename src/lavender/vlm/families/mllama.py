@@ -6,7 +6,7 @@ Sec. 8 ablation). Their keys are vision tokens only, laid out as
 ``((image · num_tiles) + tile) · tokens_per_tile + p`` with ``p = 0`` the tile's CLS and
 ``1 … P²`` the tile's P×P patches row-major (560-px tiles / 14-px patches: P = 40, 1601 tokens).
 
-Geometry (PITFALLS #1, #2): the processor resizes the image, keeping its aspect ratio, to fit a
+Geometry (docs/pitfalls.md #1, #2): the processor resizes the image, keeping its aspect ratio, to fit a
 canvas of rows×cols tiles chosen by ``aspect_ratio_ids``, and zero-pads bottom/right. We drop
 each tile's CLS, place the tiles row-major on the canvas, and crop the canvas to the
 ``ceil(h/14) × ceil(w/14)`` patches that touch the resized image. ``covers`` is that cropped
