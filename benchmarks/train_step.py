@@ -31,26 +31,14 @@ from PIL import Image
 
 
 def build_model(out: Path, layers: int, seed: int = 0) -> None:
-    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
-    from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    """Mllama at Llama-3.2-11B-Vision's text width, ``layers`` deep, the last one cross-attention."""
+    from lavender.vlm.families import families
+    from lavender.vlm.tiny import TinySizes
 
-    from lavender.vlm.tiny import build_tokenizer, save_tiny, simple_chat_template
-
-    tok = build_tokenizer(["<|image|>", "<|python_tag|>"], simple_chat_template("<|image|>"))
-    vision = MllamaVisionConfig(hidden_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=4,
-                                intermediate_size=128, image_size=560, patch_size=14, max_num_tiles=4,
-                                intermediate_layers_indices=[0], vision_output_dim=128)
-    text = MllamaTextConfig(vocab_size=len(tok), hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32,
-                            num_key_value_heads=8, intermediate_size=14336, cross_attention_layers=[layers - 1],
-                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, max_position_embeddings=2048)
-    config = MllamaConfig(vision_config=vision, text_config=text,
-                          image_token_index=tok.convert_tokens_to_ids("<|image|>"))
-    processor = MllamaProcessor(MllamaImageProcessorPil(size={"height": 560, "width": 560}, max_image_tiles=4),
-                                tok, chat_template=tok.chat_template)
-    torch.manual_seed(seed)
-    save_tiny(MllamaForConditionalGeneration(config), processor, str(out))
+    sizes = TinySizes(image_size=560, patch_size=14, vision_hidden=64, vision_layers=1, vision_global_layers=1,
+                      vision_heads=4, vision_mlp=128, vision_intermediate=(0,), text_hidden=4096, text_layers=layers,
+                      text_heads=32, kv_heads=8, text_mlp=14336, cross_layers=(layers - 1,), max_positions=2048)
+    families()["mllama"].make_tiny(str(out), seed=seed, sizes=sizes)
 
 
 def build_data(root: Path, n: int, text_tokens: int) -> tuple[Path, Path]:

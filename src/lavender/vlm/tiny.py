@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerFast
@@ -38,6 +39,33 @@ BASIC_WORDS: tuple[str, ...] = tuple(
 )
 
 PUNCTUATION: tuple[str, ...] = tuple(".,;:!?'\"()-")
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Sizes of a tiny random model of a real architecture (``Family.build_tiny``).
+
+    The defaults are the test models'. The world's VLMs and the benchmarks pass their own sizes,
+    so every tiny model of a family comes from one function. A field a family does not have is
+    ignored: ``vision_global_layers``, ``vision_intermediate`` and ``cross_layers`` are Mllama's.
+    Unset MLP widths are twice the hidden size.
+    """
+
+    image_size: int = 56  # the vision input side (Mllama: one tile)
+    patch_size: int = 14
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_global_layers: int = 1
+    vision_heads: int = 4
+    vision_mlp: int | None = None
+    vision_intermediate: tuple[int, ...] | None = None  # Mllama's concatenated layers (default: all)
+    text_hidden: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    kv_heads: int = 2
+    text_mlp: int | None = None
+    cross_layers: tuple[int, ...] = (1, 3)
+    max_positions: int = 512
 
 
 def build_tokenizer(

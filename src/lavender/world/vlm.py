@@ -87,44 +87,28 @@ def build_world_vlm(arch: str = "mllama", config: WorldVLMConfig | None = None, 
     cfg = config or WorldVLMConfig()
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"patch_size={cfg.patch_size} must divide image_size={cfg.image_size}")
-    torch.manual_seed(seed)
     if arch == "mllama":
-        return _build_mllama(cfg)
+        return _build_mllama(cfg, seed)
     if arch == "llava":
-        return _build_llava(cfg)
+        return _build_llava(cfg, seed)
     raise ValueError(f"unknown arch {arch!r}; the world VLM is one of {ARCHS}")
 
 
-def _build_mllama(cfg: WorldVLMConfig) -> tuple[Any, Any]:
-    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
-    from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+def _build_mllama(cfg: WorldVLMConfig, seed: int) -> tuple[Any, Any]:
+    from lavender.vlm.families import families
+    from lavender.vlm.tiny import TinySizes
 
-    tok = _tokenizer("<|image|>", ["<|image|>", "<|python_tag|>"])
     # transformers' Mllama requires max_num_tiles = 4 and pads every image to 4 tiles, so a 64-px
     # image is cut into 2×2 tiles of 32 px (no resize, no padding tile): 4 × (4×4 patches + CLS)
-    tile = cfg.image_size // 2
-    inter = list(range(0, cfg.vision_layers, 2))  # intermediate features, concatenated to the output
-    vision = MllamaVisionConfig(
-        hidden_size=cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
-        num_global_layers=cfg.vision_global_layers, attention_heads=cfg.heads,
-        intermediate_size=cfg.mlp_ratio * cfg.vision_hidden, image_size=tile,
-        patch_size=cfg.patch_size, max_num_tiles=4, intermediate_layers_indices=inter,
-        vision_output_dim=cfg.vision_hidden * (len(inter) + 1))
-    bad = [i for i in cfg.cross_layers if not 0 <= i < cfg.text_layers]
-    if bad:
-        raise ValueError(f"cross_layers {bad} outside the {cfg.text_layers} text layers")
-    text = MllamaTextConfig(
-        vocab_size=len(tok), hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-        intermediate_size=cfg.mlp_ratio * cfg.text_hidden, cross_attention_layers=list(cfg.cross_layers),
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        max_position_embeddings=256)
-    config = MllamaConfig(vision_config=vision, text_config=text,
-                          image_token_index=tok.convert_tokens_to_ids("<|image|>"))
-    image_processor = MllamaImageProcessorPil(size={"height": tile, "width": tile}, max_image_tiles=4)
-    processor = MllamaProcessor(image_processor, tok, chat_template=tok.chat_template)
-    model = MllamaForConditionalGeneration(config)
+    sizes = TinySizes(image_size=cfg.image_size // 2, patch_size=cfg.patch_size, vision_hidden=cfg.vision_hidden,
+                      vision_layers=cfg.vision_layers, vision_global_layers=cfg.vision_global_layers,
+                      vision_heads=cfg.heads, vision_mlp=cfg.mlp_ratio * cfg.vision_hidden,
+                      vision_intermediate=tuple(range(0, cfg.vision_layers, 2)), text_hidden=cfg.text_hidden,
+                      text_layers=cfg.text_layers, text_heads=cfg.heads, kv_heads=cfg.kv_heads,
+                      text_mlp=cfg.mlp_ratio * cfg.text_hidden, cross_layers=tuple(cfg.cross_layers),
+                      max_positions=256)
+    model, processor = families()["mllama"].build_tiny(
+        sizes, tokenizer=_tokenizer("<|image|>", ["<|image|>", "<|python_tag|>"]), seed=seed)
     open_gates(model)
     return model, processor
 
@@ -153,36 +137,17 @@ def open_gates(model: Any, value: float = GATE_INIT) -> list[str]:
     return names
 
 
-def _build_llava(cfg: WorldVLMConfig) -> tuple[Any, Any]:
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+def _build_llava(cfg: WorldVLMConfig, seed: int) -> tuple[Any, Any]:
+    from lavender.vlm.families import families
+    from lavender.vlm.tiny import TinySizes
 
-    tok = _tokenizer("<image>", ["<image>"])
-    side = cfg.image_size // cfg.patch_size
-    # +1 layer: LLaVA reads the penultimate layer (vision_feature_layer=-2), so the last is unused
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.mlp_ratio * cfg.vision_hidden,
-                              num_hidden_layers=cfg.vision_layers + 1, num_attention_heads=cfg.heads,
-                              image_size=cfg.image_size, patch_size=cfg.patch_size,
-                              projection_dim=cfg.vision_hidden)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.text_hidden,
-                       intermediate_size=cfg.mlp_ratio * cfg.text_hidden, num_hidden_layers=cfg.text_layers,
-                       num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-                       max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=side * side,
-                         vision_feature_layer=-2, image_token_index=tok.convert_tokens_to_ids("<image>"))
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size},
-                                            crop_size={"height": cfg.image_size, "width": cfg.image_size})
-    processor = LlavaProcessor(image_processor, tok, patch_size=cfg.patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=tok.chat_template)
-    return LlavaForConditionalGeneration(config), processor
+    # +1 vision layer: LLaVA reads the penultimate one, so the last is unused
+    sizes = TinySizes(image_size=cfg.image_size, patch_size=cfg.patch_size, vision_hidden=cfg.vision_hidden,
+                      vision_layers=cfg.vision_layers + 1, vision_heads=cfg.heads,
+                      vision_mlp=cfg.mlp_ratio * cfg.vision_hidden, text_hidden=cfg.text_hidden,
+                      text_layers=cfg.text_layers, text_heads=cfg.heads, kv_heads=cfg.kv_heads,
+                      text_mlp=cfg.mlp_ratio * cfg.text_hidden, max_positions=256)
+    return families()["llava"].build_tiny(sizes, tokenizer=_tokenizer("<image>", ["<image>"]), seed=seed)
 
 
 # --- pre-training data ------------------------------------------------------------------------------

@@ -114,8 +114,21 @@ class Family(ABC):
         return AutoProcessor.from_pretrained(path, **kwargs)
 
     @abstractmethod
-    def make_tiny(self, out: str, seed: int = 0) -> None:
-        """Write a tiny randomly initialised model of this architecture plus its processor to ``out``."""
+    def build_tiny(self, sizes: Any = None, tokenizer: Any = None, seed: int = 0) -> tuple[Any, Any]:
+        """A tiny randomly initialised model of this architecture and its processor (offline).
+
+        Args:
+            sizes: :class:`lavender.vlm.tiny.TinySizes` (default: the test models' sizes).
+            tokenizer: the tokenizer to use (default: :func:`lavender.vlm.tiny.build_tokenizer` with
+                this family's special tokens); the miniature world passes its own.
+            seed: ``torch.manual_seed`` right before the weights are created.
+        """
+
+    def make_tiny(self, out: str, seed: int = 0, sizes: Any = None, tokenizer: Any = None) -> None:
+        """Write :meth:`build_tiny`'s model and processor to ``out`` (the ``save_pretrained`` layout)."""
+        from lavender.vlm.tiny import save_tiny
+
+        save_tiny(*self.build_tiny(sizes, tokenizer, seed), out)
 
 
 def image_token_id(config: Any) -> int:

@@ -128,16 +128,19 @@ class Idefics3Family(Family):
             return load_image_only_processor(path, ImageOnlySmolVLMProcessor, SmolVLMImageProcessorPil, **kwargs)
         return super().load_processor(path, **kwargs)
 
-    def make_tiny(self, out: str, seed: int = 0) -> None:
+    def build_tiny(self, sizes: Any = None, tokenizer: Any = None, seed: int = 0) -> tuple[Any, Any]:
         """Tiny Idefics3: 56-px crops of 8×8 7-px patches → 4×4 tokens per view; ≤ 2×2 crops + global."""
         from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
         from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-        from lavender.vlm.tiny import build_tokenizer, save_tiny, simple_chat_template
+        from lavender.vlm.tiny import build_tokenizer, simple_chat_template
+
+        if sizes is not None:
+            raise ValueError(f"{self.name}: build_tiny has one fixed size (the test model's); sizes are not supported")
 
         specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
         specials += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-        tok = build_tokenizer(specials, simple_chat_template("<image>"))
+        tok = tokenizer or build_tokenizer(specials, simple_chat_template("<image>"))
         config = Idefics3Config(
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                image_size=56, patch_size=7),
@@ -150,4 +153,4 @@ class Idefics3Family(Family):
         image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
         processor = Idefics3Processor(image_processor, tok, image_seq_len=16, chat_template=tok.chat_template)
         torch.manual_seed(seed)
-        save_tiny(Idefics3ForConditionalGeneration(config), processor, out)
+        return Idefics3ForConditionalGeneration(config), processor

@@ -61,7 +61,7 @@ class LlavaFamily(Family):
         return [ImageGrid(b, pos, side, side, clip_center_crop_box(w, h, size), (int(w), int(h)))
                 for b, sizes in enumerate(image_sizes) for pos, (w, h) in zip(positions[b], sizes)]
 
-    def make_tiny(self, out: str, seed: int = 0) -> None:
+    def build_tiny(self, sizes: Any = None, tokenizer: Any = None, seed: int = 0) -> tuple[Any, Any]:
         """Tiny LLaVA: CLIP 56/14 → 4×4 = 16 image tokens, Llama text model of 4 layers, hidden 64."""
         import torch
         from transformers import (
@@ -73,19 +73,27 @@ class LlavaFamily(Family):
         )
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-        from lavender.vlm.tiny import build_tokenizer, save_tiny, simple_chat_template
+        from lavender.vlm.tiny import TinySizes, build_tokenizer, simple_chat_template
 
-        tok = build_tokenizer(["<image>"], simple_chat_template("<image>"))
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=56, patch_size=14, projection_dim=32)
-        text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16, vision_feature_layer=-2,
-                             image_token_index=tok.convert_tokens_to_ids("<image>"))
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-        processor = LlavaProcessor(image_processor, tok, patch_size=14, vision_feature_select_strategy="default",
-                                   num_additional_image_tokens=1, chat_template=tok.chat_template)
+        s = sizes or TinySizes()
+        tok = tokenizer or build_tokenizer(["<image>"], simple_chat_template("<image>"))
+        side = s.image_size // s.patch_size
+        # LLaVA reads the penultimate vision layer (vision_feature_layer=-2): the last one is unused
+        vision = CLIPVisionConfig(hidden_size=s.vision_hidden, intermediate_size=s.vision_mlp or 2 * s.vision_hidden,
+                                  num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
+                                  image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.vision_hidden)
+        text = LlamaConfig(vocab_size=len(tok), hidden_size=s.text_hidden,
+                           intermediate_size=s.text_mlp or 2 * s.text_hidden, num_hidden_layers=s.text_layers,
+                           num_attention_heads=s.text_heads, num_key_value_heads=s.kv_heads,
+                           max_position_embeddings=s.max_positions, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=side * side,
+                             vision_feature_layer=-2, image_token_index=tok.convert_tokens_to_ids("<image>"))
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": s.image_size},
+                                                crop_size={"height": s.image_size, "width": s.image_size})
+        processor = LlavaProcessor(image_processor, tok, patch_size=s.patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=tok.chat_template)
         torch.manual_seed(seed)
-        save_tiny(LlavaForConditionalGeneration(config), processor, out)
+        return LlavaForConditionalGeneration(config), processor
 

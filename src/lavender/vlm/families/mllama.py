@@ -82,29 +82,36 @@ class MllamaFamily(Family):
                 grids.append(ImageGrid(b, key, rows, cols, covers, (int(width), int(height))))
         return grids
 
-    def make_tiny(self, out: str, seed: int = 0) -> None:
+    def build_tiny(self, sizes: Any = None, tokenizer: Any = None, seed: int = 0) -> tuple[Any, Any]:
         """Tiny Mllama: 56-px tiles of 4×4 patches (+ CLS = 17 tokens), ≤ 4 tiles, 4 text layers (1, 3 cross)."""
-        from transformers import (
-            MllamaConfig,
-            MllamaForConditionalGeneration,
-            MllamaProcessor,
-        )
+        import torch
+        from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
         from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
         from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-        from lavender.vlm.tiny import build_tokenizer, save_tiny, simple_chat_template
+        from lavender.vlm.tiny import TinySizes, build_tokenizer, simple_chat_template
 
-        tok = build_tokenizer(["<|image|>", "<|python_tag|>"], simple_chat_template("<|image|>"))
-        vision = MllamaVisionConfig(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
-                                    intermediate_size=64, image_size=56, patch_size=14, max_num_tiles=4,
-                                    intermediate_layers_indices=[0, 1], vision_output_dim=96)
-        text = MllamaTextConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                num_key_value_heads=2, intermediate_size=128, cross_attention_layers=[1, 3],
-                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id, max_position_embeddings=512)
+        s = sizes or TinySizes()
+        tok = tokenizer or build_tokenizer(["<|image|>", "<|python_tag|>"], simple_chat_template("<|image|>"))
+        inter = list(range(s.vision_layers) if s.vision_intermediate is None else s.vision_intermediate)
+        vision = MllamaVisionConfig(
+            hidden_size=s.vision_hidden, num_hidden_layers=s.vision_layers, num_global_layers=s.vision_global_layers,
+            attention_heads=s.vision_heads, intermediate_size=s.vision_mlp or 2 * s.vision_hidden,
+            image_size=s.image_size, patch_size=s.patch_size, max_num_tiles=4, intermediate_layers_indices=inter,
+            vision_output_dim=s.vision_hidden * (len(inter) + 1))
+        bad = [i for i in s.cross_layers if not 0 <= i < s.text_layers]
+        if bad:
+            raise ValueError(f"cross_layers {bad} outside the {s.text_layers} text layers")
+        text = MllamaTextConfig(
+            vocab_size=len(tok), hidden_size=s.text_hidden, num_hidden_layers=s.text_layers,
+            num_attention_heads=s.text_heads, num_key_value_heads=s.kv_heads,
+            intermediate_size=s.text_mlp or 2 * s.text_hidden, cross_attention_layers=list(s.cross_layers),
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            max_position_embeddings=s.max_positions)
         config = MllamaConfig(vision_config=vision, text_config=text,
                               image_token_index=tok.convert_tokens_to_ids("<|image|>"))
-        processor = MllamaProcessor(MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=4),
-                                    tok, chat_template=tok.chat_template)
+        image_processor = MllamaImageProcessorPil(size={"height": s.image_size, "width": s.image_size},
+                                                  max_image_tiles=4)
+        processor = MllamaProcessor(image_processor, tok, chat_template=tok.chat_template)
         torch.manual_seed(seed)
-        save_tiny(MllamaForConditionalGeneration(config), processor, out)
+        return MllamaForConditionalGeneration(config), processor

@@ -76,16 +76,19 @@ class Qwen2VLFamily(Family):
 
         return load_image_only_processor(path, ImageOnlyQwen2VLProcessor, Qwen2VLImageProcessorPil, **kwargs)
 
-    def make_tiny(self, out: str, seed: int = 0) -> None:
+    def build_tiny(self, sizes: Any = None, tokenizer: Any = None, seed: int = 0) -> tuple[Any, Any]:
         """Tiny Qwen2-VL: 14-px patches merged 2×2, ≤ 16×16 merged tokens, 4 text layers of width 64."""
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        from lavender.vlm.tiny import build_tokenizer, save_tiny, simple_chat_template
+        from lavender.vlm.tiny import build_tokenizer, simple_chat_template
+
+        if sizes is not None:
+            raise ValueError(f"{self.name}: build_tiny has one fixed size (the test model's); sizes are not supported")
 
         image = "<|vision_start|><|image_pad|><|vision_end|>"
-        tok = build_tokenizer(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
-                              simple_chat_template(image))
+        tok = tokenizer or build_tokenizer(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
+                                           simple_chat_template(image))
         ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
                                                          "<|video_pad|>")}
         config = Qwen2VLConfig(
@@ -104,4 +107,4 @@ class Qwen2VLFamily(Family):
         image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
         processor = ImageOnlyQwen2VLProcessor(image_processor, tok, chat_template=tok.chat_template)
         torch.manual_seed(seed)
-        save_tiny(Qwen2VLForConditionalGeneration(config), processor, out)
+        return Qwen2VLForConditionalGeneration(config), processor
