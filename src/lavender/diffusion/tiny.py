@@ -38,7 +38,7 @@ _WORDS = (
 
 
 @lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
+def byte_alphabet() -> dict[int, str]:
     """CLIP/GPT-2's reversible byte→printable-character table (so every byte has a vocab entry)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
         range(ord("®"), ord("ÿ") + 1)
@@ -55,7 +55,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def build_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """A small CLIP BPE: all bytes (with and without ``</w>``), then left-to-right merges of ``_WORDS``."""
-    chars = list(_bytes_to_unicode().values())
+    chars = list(byte_alphabet().values())
     tokens = chars + [c + "</w>" for c in chars]
     merges: list[str] = []
     seen = set(tokens)
@@ -73,19 +73,25 @@ def build_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def make_tokenizer(out: str | Path):
-    """Write ``vocab.json``/``merges.txt`` to ``out`` and return a ``CLIPTokenizer`` saved there."""
+def write_clip_tokenizer(out: str | Path, vocab: dict[str, int], merges: list[str]):
+    """Write a CLIP BPE (``vocab.json``, ``merges.txt``) to ``out`` and return the ``CLIPTokenizer`` it loads as.
+
+    Loading from the written files is the same path a hub checkpoint's tokenizer takes.
+    """
     from transformers import CLIPTokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_vocab_and_merges()
     (out / "vocab.json").write_text(json.dumps(vocab))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    # loading from the written files is the same path a hub checkpoint's tokenizer takes
     tok = CLIPTokenizer.from_pretrained(out, model_max_length=77)
     tok.save_pretrained(out)
     return tok
+
+
+def make_tokenizer(out: str | Path):
+    """The tiny DM's CLIP tokenizer (:func:`build_vocab_and_merges`), written to ``out``."""
+    return write_clip_tokenizer(out, *build_vocab_and_merges())
 
 
 # Sizes per architecture: keyword arguments of UNet2DConditionModel, AutoencoderKL and CLIPTextConfig

@@ -107,12 +107,10 @@ def make_world_tokenizer(out: str | Path):
     Built offline: the byte alphabet is CLIP's reversible table, so any text still tokenises (unknown
     words fall back to characters), while every caption word is exactly one token.
     """
-    from transformers import CLIPTokenizer
-
-    from lavender.diffusion.tiny import _bytes_to_unicode
+    from lavender.diffusion.tiny import byte_alphabet, write_clip_tokenizer
     from lavender.world.questions import vocabulary
 
-    chars = list(_bytes_to_unicode().values())
+    chars = list(byte_alphabet().values())
     tokens = chars + [c + "</w>" for c in chars]
     words = [w for w in vocabulary() if w.isalpha() and len(w) > 1]
     merges: list[tuple[str, str]] = []
@@ -135,13 +133,7 @@ def make_world_tokenizer(out: str | Path):
         if a + b not in tokens:
             tokens.append(a + b)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    tok = CLIPTokenizer.from_pretrained(out, model_max_length=77)
-    tok.save_pretrained(out)
-    return tok
+    return write_clip_tokenizer(out, {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges])
 
 
 def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
