@@ -18,8 +18,10 @@ from lavender.vlm.load import load_vlm
 from lavender.words import split_words
 
 
-def _records(tmp_path, rows: list[tuple[str, str, str]]) -> tuple[str, str]:
-    """``rows`` of (question, answer, DM text) → a records file and an attention dataset of random maps."""
+def _records(tmp_path, rows: list[tuple[str, str, str]], extra: list[dict] | None = None) -> tuple[str, str]:
+    """``rows`` of (question, answer, DM text) → a records file and an attention dataset of random maps.
+
+    ``extra``: per row, more record fields (e.g. ``align_pairs``)."""
     rng = np.random.default_rng(0)
     writer = AttentionWriter(tmp_path / "attn", {"map_size": 32, "frame": "squash"})
     lines = []
@@ -27,7 +29,8 @@ def _records(tmp_path, rows: list[tuple[str, str, str]]) -> tuple[str, str]:
         Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
         lines.append({"id": f"s{i}", "images": [f"{i}.png"],
                       "messages": [{"role": "user", "content": "<image>" + question},
-                                   {"role": "assistant", "content": answer}]})
+                                   {"role": "assistant", "content": answer}],
+                      **(extra[i] if extra else {})})
         ws = split_words(dm_text)
         writer.add(f"s{i}", [w.text for w in ws], [(w.start, w.end) for w in ws],
                    rng.random((len(ws), 32, 32)).astype("float32"))
@@ -47,6 +50,49 @@ def test_lemma_matching_pairs_inflections_in_the_collator(tiny_vlm, tmp_path) ->
     assert [w.text for w in exact.rows.words[0]] == ["red"]
     assert [w.text for w in lemma.rows.words[0]] == ["red", "circles"]
     assert lemma.target_index == [1, 2]  # "circles" takes the DM's "circle"
+
+
+AMBIGUOUS = ("What colour is the circle?", "red", "a red circle and a red square")
+
+
+@pytest.mark.parametrize("policy,expected", [("occurrence", [1]), ("first", [1]), ("skip", []),
+                                             ("mean", [1])])
+def test_ambiguous_policy_decides_a_repeated_dm_word(tiny_vlm, tmp_path, policy, expected) -> None:
+    data, attn = _records(tmp_path, [AMBIGUOUS])
+    model, proc, fam = load_vlm(tiny_vlm("llava"))
+    store = AttentionStore(attn)
+    align = LavenderCollator(proc, fam, model.config, store, [0], AlignmentConfig(ambiguous=policy))(
+        read_records(data))["lavender"]
+    assert align.target_index == expected
+    assert align.n_ambiguous == 1
+    if policy == "mean":  # the average of both "red" maps (words 1 and 5 of the DM text)
+        maps = store.get("s0")["maps"].astype(np.float32)
+        torch.testing.assert_close(align.targets[0], torch.from_numpy((maps[1] + maps[5]) / 2))
+
+
+def test_explicit_align_pairs_choose_the_occurrence(tiny_vlm, tmp_path) -> None:
+    """The record says its answer is the SECOND "red" (the referent), which text matching never picks."""
+    second = AMBIGUOUS[2].index("red", 5)
+    pair = {"message": 1, "start": 0, "end": 3, "dm_start": second, "dm_end": second + 3}
+    data, attn = _records(tmp_path, [AMBIGUOUS], [{"align_pairs": [pair], "align_text": AMBIGUOUS[2]}])
+    model, proc, fam = load_vlm(tiny_vlm("llava"))
+    store = AttentionStore(attn)
+    align = LavenderCollator(proc, fam, model.config, store, [0], AlignmentConfig())(read_records(data))["lavender"]
+    assert align.target_index == [5] and align.n_ambiguous == 0
+    torch.testing.assert_close(align.targets[0], torch.from_numpy(store.get("s0")["maps"][5].astype(np.float32)))
+
+
+@pytest.mark.parametrize("pairs,needle", [
+    ("red", "must be a list"), ([{"message": 1}], "integer fields"),
+    ([{"message": 7, "start": 0, "end": 3, "dm_start": 0, "dm_end": 1}], "not a message index"),
+    ([{"message": 1, "start": 0, "end": 30, "dm_start": 0, "dm_end": 1}], "outside messages[1]"),
+    ([{"message": 1, "start": 0, "end": 3, "dm_start": 0, "dm_end": 99}], "outside the DM text")])
+def test_bad_align_pairs_name_the_record(tmp_path, pairs, needle) -> None:
+    from lavender.records import RecordError, iter_records
+
+    data, _ = _records(tmp_path, [AMBIGUOUS], [{"align_pairs": pairs, "align_text": AMBIGUOUS[2]}])
+    (err,) = list(iter_records(data))
+    assert isinstance(err, RecordError) and needle in str(err) and "s0" in str(err)
 
 
 def _train_cfg(tiny_vlm, data, attn, out, **kw) -> TrainConfig:

@@ -56,6 +56,13 @@ class Region:
     role: str
     start: int
     end: int
+    message: int = -1  # index of the message in the conversation
+    content_start: int = 0  # where this part starts in that message's own content string
+
+    def text_offset(self, content_offset: int) -> int | None:
+        """The rendered-text offset of a character offset into the message's content (None: not here)."""
+        at = self.start + content_offset - self.content_start
+        return at if self.start <= at <= self.end else None
 
 
 @dataclass
@@ -102,6 +109,17 @@ def _rendered_len(processor: Any, messages: Sequence[dict[str, Any]], gen: bool 
     return len(render(processor, messages, add_generation_prompt=gen)) if messages else 0
 
 
+def _text_parts(content: str) -> list[tuple[int, str]]:
+    """The non-empty pieces of ``content`` between ``<image>`` tags, stripped, with their offsets."""
+    out, last = [], 0
+    for piece_end, nxt in [(m.start(), m.end()) for m in _IMAGE_TAG.finditer(content)] + [(len(content), 0)]:
+        raw = content[last:piece_end]
+        if raw.strip():
+            out.append((last + len(raw) - len(raw.lstrip()), raw.strip()))
+        last = nxt
+    return out
+
+
 def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
     """Render ``messages`` and locate every message's words and every assistant turn in it.
 
@@ -119,14 +137,11 @@ def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
         content = m["content"] if isinstance(m["content"], str) else " ".join(
             c.get("text", "") for c in m["content"] if c.get("type") == "text")
         cursor = seg_start
-        for part in _IMAGE_TAG.split(content):
-            part = part.strip()
-            if not part:
-                continue
+        for part_start, part in _text_parts(content):
             at = text.find(part, cursor, seg_end)
             if at < 0:
                 continue  # the template rewrote this text (e.g. trimmed); no words taken from it
-            regions.append(Region(m["role"], at, at + len(part)))
+            regions.append(Region(m["role"], at, at + len(part), i, part_start))
             cursor = at + len(part)
         if m["role"] == "assistant":
             label_spans.append((_rendered_len(processor, messages[:i], gen=True), seg_end))

@@ -60,6 +60,7 @@ Aggregation = Literal["heads", "mean-mean", "mean-max", "max-mean", "max-max", "
 RowOwner = Literal["next", "query"]
 AlignOn = Literal["answer", "all"]
 MatchMode = Literal["exact", "lemma"]
+Ambiguity = Literal["occurrence", "first", "skip", "mean"]
 AlignerKind = Literal["light", "sim", "deep", "mlp", "identity"]
 AlignerNorm = Literal["instance", "batch"]
 AttLoss = Literal["mse", "kl", "mass"]
@@ -75,6 +76,7 @@ AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)
 ROW_OWNERS: tuple[str, ...] = typing.get_args(RowOwner)
 ALIGN_ON: tuple[str, ...] = typing.get_args(AlignOn)
 MATCH_MODES: tuple[str, ...] = typing.get_args(MatchMode)
+AMBIGUITY: tuple[str, ...] = typing.get_args(Ambiguity)
 ALIGNERS: tuple[str, ...] = typing.get_args(AlignerKind)
 ALIGNER_NORMS: tuple[str, ...] = typing.get_args(AlignerNorm)
 ALIGNER_ACTS: tuple[str, ...] = typing.get_args(AlignerAct)
@@ -164,6 +166,10 @@ class AlignmentConfig(Checked):
     Pairing with the DM:
         align_on: ``answer`` — the assistant's words; ``all`` — every text word after the image.
         match: ``exact`` (lower-case) or ``lemma`` (English lemma) word comparison.
+        ambiguous: what a VLM word does when its text names several DM words ("red" in "a red
+            circle and a red square"): ``occurrence`` — the k-th occurrence takes the k-th;
+            ``first``; ``skip`` — not aligned; ``mean`` — the average of their maps. Records with
+            explicit ``align_pairs`` never use it: their pairs are exact.
     """
 
     layers: list[str] | None = opt(None, "watched layer indices, e.g. 0,3 or 0 3 (default: the family's)")
@@ -171,6 +177,7 @@ class AlignmentConfig(Checked):
     row_owner: RowOwner = opt("next", "next: the row before a word's token (the paper's); query: its own rows")
     align_on: AlignOn = opt("answer", "align the answer's words, or every text word after the image")
     match: MatchMode = opt("exact", "VLM↔DM word matching: exact (lower-case) or lemma")
+    ambiguous: Ambiguity = opt("occurrence", "a word naming several DM words: " + ", ".join(AMBIGUITY))
 
     def __post_init__(self) -> None:
         self.check_choices()

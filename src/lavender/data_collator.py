@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from lavender.chat import Layout, adds_special_tokens, label_positions, labels_for_batch, layout
@@ -21,7 +22,7 @@ from lavender.records import Record, load_image
 from lavender.vlm.aggregate import keys_from_grids
 from lavender.vlm.backend import CapturePlan
 from lavender.vlm.rows import RowBatch, batch_rows, rows_for_batch
-from lavender.words import match_words
+from lavender.words import match_words, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class AlignmentBatch:
         n_words: words considered in the batch (matched or not), for the match rate.
         frame: the attention dataset's frame (squash / pad / center-crop).
         target_index: per matched word, the index of its DM word in the example's attention entry.
+        n_ambiguous: words whose text named several DM words (resolved by ``ambiguous``).
     """
 
     plan: CapturePlan
@@ -52,6 +54,7 @@ class AlignmentBatch:
     n_words: int
     frame: str = "squash"
     target_index: list[int] = field(default_factory=list)
+    n_ambiguous: int = 0  # words whose text names several DM words (text matching only)
 
     @property
     def n_matched(self) -> int:
@@ -137,18 +140,26 @@ class LavenderCollator:
             row_owner=self.alignment.row_owner)
         matched: list[list[Any]] = [[] for _ in recs]
         targets, target_index = [], []
-        n_words = 0
+        n_words = n_ambiguous = 0
         for b, rec in enumerate(recs):
             words = all_rows.words[b]
             n_words += len(words)
             entry = self.store.get(rec.id) if (grids[b] is not None and words and rec.id in self.store) else None
             if entry is None:
                 continue
-            for w, j in zip(words, match_words([w.text for w in words], entry["words"], self.alignment.match)):
-                if j is not None:
+            if rec.align_pairs is not None:
+                picks = _paired(words, rec.align_pairs, layouts[b], entry["offsets"])
+            else:
+                picks = match_words([w.text for w in words], entry["words"], self.alignment.match,
+                                    self.alignment.ambiguous)
+                dm_keys = [normalize(t, self.alignment.match) for t in entry["words"]]
+                n_ambiguous += sum(dm_keys.count(normalize(w.text, self.alignment.match)) > 1 for w in words)
+            for w, js in zip(words, picks):
+                if js:
                     matched[b].append(w)
-                    target_index.append(j)
-                    targets.append(torch.as_tensor(entry["maps"][j], dtype=torch.float32))
+                    target_index.append(js[0])
+                    maps = torch.as_tensor(np.asarray(entry["maps"][js]), dtype=torch.float32)
+                    targets.append(maps.mean(0))
         rows = batch_rows(matched)
         size = int(self.store.manifest.get("map_size", 32))
         return AlignmentBatch(
@@ -156,7 +167,28 @@ class LavenderCollator:
             rows=rows, grids=grids,
             targets=torch.stack(targets) if targets else torch.zeros(0, size, size),
             attention_mask=batch["attention_mask"], n_words=n_words,
-            frame=manifest_frame(self.store.manifest), target_index=target_index)
+            frame=manifest_frame(self.store.manifest), target_index=target_index, n_ambiguous=n_ambiguous)
+
+
+def _paired(words: Sequence[Any], pairs: Sequence[dict], lay: Layout,
+            dm_offsets: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Per VLM word, the DM word its record's explicit ``align_pairs`` name (empty: not paired).
+
+    A pair's message span is located in the rendered text through the message's regions; a word
+    is paired when it lies inside that span, and its target is the DM word at ``[dm_start, dm_end)``.
+    """
+    spans = []
+    for p in pairs:
+        for r in lay.regions:
+            if r.message != p["message"]:
+                continue
+            s, e = r.text_offset(p["start"]), r.text_offset(p["end"])
+            if s is not None and e is not None:
+                j = next((k for k, o in enumerate(dm_offsets) if tuple(o) == (p["dm_start"], p["dm_end"])), None)
+                if j is not None:
+                    spans.append((s, e, j))
+                break
+    return [[j for s, e, j in spans if s <= w.start and w.end <= e][:1] for w in words]
 
 
 def manifest_frame(manifest: dict) -> str:

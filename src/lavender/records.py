@@ -57,6 +57,7 @@ class Record:
     align_text: str | None = None
     caption: str | None = None
     source: str = ""
+    align_pairs: list[dict] | None = None  # explicit VLM-word ↔ DM-word pairs (see _align_pairs)
 
 
 def _strip_tags(text: str) -> str:
@@ -171,7 +172,38 @@ def parse_record(row: Any, index: int, base_dir: Path, source: str, images_root:
                  caption=caption, source=source)
     if not dm_text(rec):
         raise err("empty text: align_text, caption and the conversation are all empty")
+    if row.get("align_pairs") is not None:
+        rec.align_pairs = _align_pairs(row["align_pairs"], rec, err)
     return rec
+
+
+def _align_pairs(pairs: Any, rec: Record, err) -> list[dict]:
+    """Validate ``align_pairs``: ``[{"message", "start", "end", "dm_start", "dm_end"}, ...]``.
+
+    Each pair links the characters ``[start, end)`` of ``messages[message]["content"]`` (a VLM
+    word) to ``[dm_start, dm_end)`` of the DM text (the word whose Stage-1 map is its target). It is
+    how a record says WHICH of several equal words is meant ("red" of the referent, not of the decoy).
+    """
+    if not isinstance(pairs, list):
+        raise err("field 'align_pairs' must be a list of {message, start, end, dm_start, dm_end} objects")
+    text = dm_text(rec)
+    out = []
+    for k, p in enumerate(pairs):
+        keys = ("message", "start", "end", "dm_start", "dm_end")
+        if not isinstance(p, dict) or not all(isinstance(p.get(x), int) for x in keys):
+            raise err(f"align_pairs[{k}] must be an object with integer fields {', '.join(keys)}")
+        m = p["message"]
+        if not 0 <= m < len(rec.messages):
+            raise err(f"align_pairs[{k}].message {m} is not a message index (0..{len(rec.messages) - 1})")
+        content = rec.messages[m]["content"]
+        if not 0 <= p["start"] < p["end"] <= len(content):
+            raise err(f"align_pairs[{k}]: [{p['start']}, {p['end']}) is outside messages[{m}].content "
+                      f"({len(content)} characters)")
+        if not 0 <= p["dm_start"] < p["dm_end"] <= len(text):
+            raise err(f"align_pairs[{k}]: dm [{p['dm_start']}, {p['dm_end']}) is outside the DM text "
+                      f"({len(text)} characters)")
+        out.append({x: p[x] for x in keys})
+    return out
 
 
 def iter_records(source: Any, images_root: str | Path | None = None) -> Iterator[Record | RecordError]:

@@ -290,6 +290,7 @@ class LavenderTrainer(Trainer):
         if align is not None:
             acc.setdefault("_matched", []).append(align.n_matched)
             acc.setdefault("_words", []).append(align.n_words)
+            acc.setdefault("_ambiguous", []).append(align.n_ambiguous)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._acc and "loss" in logs:
@@ -299,6 +300,7 @@ class LavenderTrainer(Trainer):
                     logs[k] = sum(acc[k]) / len(acc[k])
             words = sum(acc.get("_words", []))
             logs["match_rate"] = (sum(acc.get("_matched", [])) / words) if words else 0.0
+            logs["ambiguous_rate"] = (sum(acc.get("_ambiguous", [])) / words) if words else 0.0
             logs["skipped_records"] = len(getattr(self.data_collator, "skipped", []))
         super().log(logs, start_time)
 

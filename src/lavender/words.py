@@ -96,24 +96,35 @@ def normalize(word: str, mode: str = "exact") -> str:
     raise ValueError(f"unknown match mode {mode!r}; choose one of {MATCH_MODES}")
 
 
-def match_words(query: Sequence[str], targets: Sequence[str], mode: str = "exact") -> list[int | None]:
-    """Index into ``targets`` for each word of ``query`` (``None`` when it has no match).
+def match_words(query: Sequence[str], targets: Sequence[str], mode: str = "exact",
+                ambiguous: str = "occurrence") -> list[list[int]]:
+    """Indices into ``targets`` for each word of ``query`` (empty when it has no match).
 
-    Repeated words pair by occurrence: the k-th "dog" of the query takes the k-th "dog" of the
-    targets, or the last one when the targets have fewer occurrences.
+    A query word whose key occurs once in ``targets`` gets that one index. When it occurs several
+    times, ``ambiguous`` decides: ``occurrence`` — the k-th "dog" of the query takes the k-th "dog"
+    of the targets (the last one when the targets have fewer); ``first`` — the first; ``skip`` —
+    none; ``mean`` — all of them (the caller averages their maps).
     """
     by_key: dict[str, list[int]] = {}
     for j, w in enumerate(targets):
         by_key.setdefault(normalize(w, mode), []).append(j)
     seen: dict[str, int] = {}
-    out: list[int | None] = []
+    out: list[list[int]] = []
     for w in query:
         key = normalize(w, mode)
-        idx = by_key.get(key)
-        if not idx:
-            out.append(None)
-            continue
+        idx = by_key.get(key, [])
         k = seen.get(key, 0)
         seen[key] = k + 1
-        out.append(idx[min(k, len(idx) - 1)])
+        if len(idx) <= 1:
+            out.append(list(idx))
+        elif ambiguous == "occurrence":
+            out.append([idx[min(k, len(idx) - 1)]])
+        elif ambiguous == "first":
+            out.append([idx[0]])
+        elif ambiguous == "skip":
+            out.append([])
+        elif ambiguous == "mean":
+            out.append(list(idx))
+        else:
+            raise ValueError(f"unknown ambiguity policy {ambiguous!r}; choose occurrence, first, skip or mean")
     return out
