@@ -883,7 +883,11 @@ class SplitConfig(Checked):
 
 
 # --------------------------------------------------------------------------------- world
-WorldSplit = Literal["train", "validation", "test", "ood", "ood_combo", "ood_template"]
+WorldSplit = Literal["train", "validation", "test", "ood", "ood_combo", "ood_template",
+                     "iid-val", "shift-val", "iid", "shift", "combo"]
+WorldVersion = Literal["v1", "v2"]
+V1_SPLITS = ("train", "validation", "test", "ood", "ood_combo", "ood_template")
+V2_SPLITS = ("train", "iid-val", "shift-val", "iid", "shift", "combo")
 WorldArch = Literal["mllama", "llava"]
 
 
@@ -893,14 +897,25 @@ class ScenesConfig(Checked):
 
     out: str = opt(dataclasses.MISSING, "output folder (JSONL, images/, masks/)")
     n: int = opt(dataclasses.MISSING, "number of records (one scene each)")
-    split: WorldSplit = opt("train", "train/validation/test; ood = unseen colour–shape pairs AND templates; "
-                            "ood_combo / ood_template = one shift each")
+    split: WorldSplit = opt("train", "v1: train/validation/test; ood = unseen colour–shape pairs AND templates; "
+                            "ood_combo / ood_template = one shift each. v2: train, iid-val, shift-val, iid, "
+                            "shift (decoy never shares the answer), combo (held-out referent pairs)")
     seed: int = opt(0, "seed; same seed → identical files")
     captions: bool = opt(False, "write caption rows {id, image, caption} to <split>_captions.jsonl instead")
+    world: WorldVersion = opt("v1", "v1: five question kinds (docs/world.md); v2: referent/decoy questions "
+                              "with explicit align_pairs (docs/world_v2.md)")
+    p: float = opt(1.0, "v2: probability that the decoy shares the answer attribute (train, iid-val, iid, combo)")
 
     def __post_init__(self) -> None:
         self.check_choices()
         _positive(n=self.n)
+        allowed = V2_SPLITS if self.world == "v2" else V1_SPLITS
+        if self.split not in allowed:
+            raise UsageError(f"--split {self.split!r} is not a {self.world} split; choose one of {', '.join(allowed)}")
+        if not 0.0 <= self.p <= 1.0:
+            raise UsageError(f"--p {self.p}: a probability in [0, 1]")
+        if self.world == "v2" and self.captions:
+            raise UsageError("--captions writes v1 caption rows; drop --world v2 (v2 reuses v1's captions)")
 
 
 @dataclass

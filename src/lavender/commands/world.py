@@ -2,6 +2,7 @@
 
   lavender world scenes --out DIR --split train --n 1000 --seed 0            VQA records
   lavender world scenes --out DIR --split train --n 5000 --seed 0 --captions caption rows
+  lavender world scenes --out DIR --world v2 --split shift --n 1000 --p 1.0 world-v2 records
   lavender world train-dm --out DIR [--steps 3000] [--seed 0] [--device cuda] [--chunk-minutes 10] [--resume]
   lavender world score-dm --dm DIR/pipeline [--n 100] [--out scores.json]
   lavender world train-vlm --arch mllama --out DIR --steps 800 --seed 0 [--chunk-minutes 10] [--resume]
@@ -19,6 +20,12 @@ from lavender.config import ScenesConfig, ScoreDMConfig, TrainDMConfig, TrainVLM
 def run_scenes(args: ScenesConfig) -> int:
     from lavender.world.write import write_captions, write_split
 
+    if args.world == "v2":
+        from lavender.world.v2 import write_v2_split
+
+        path = write_v2_split(args.out, args.split, args.n, args.seed, args.p)
+        print(f"wrote {args.n} world-v2 VQA records (p={args.p}) to {path}")
+        return 0
     write = write_captions if args.captions else write_split
     path = write(args.out, args.split, args.n, args.seed)
     print(f"wrote {args.n} {'caption' if args.captions else 'VQA'} records to {path}")

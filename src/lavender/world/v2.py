@@ -1,0 +1,175 @@
+"""World v2: questions where grounding decides the answer, and a shortcut that breaks at test.
+
+Every v2 record asks for the colour or the shape of ONE small *referent* object, named by its other
+attribute ("What colour is the circle?" → the colour of the only circle). Every scene also holds a
+large, salient *decoy* and up to two small distractors. The shortcut: in ``train``, ``iid-val`` and
+``iid`` the decoy shares the answer attribute with the referent with probability ``p`` (so "name
+the colour of the big object" is right that often); in ``shift-val`` and ``shift`` it never does,
+so only a model that looks at the referent answers right. With ``p = 1`` training is perfectly
+confounded: only the attention signal says which object is meant. ``combo`` is a second shift:
+the referent is a colour–shape pair no other split ever shows (decoy rate ``p``).
+
+Distractors never carry the referent's answer attribute nor its naming attribute, so the answer
+word of the DM text (the caption naming every object, left to right) occurs at the referent and,
+when the decoy shares it, at the decoy — never elsewhere. Each record's ``align_pairs`` links the
+answer to the REFERENT's occurrence, which text matching alone cannot tell from the decoy's.
+
+Splits (record ``i`` of a split has its own generator, as in v1): ``train``; ``iid-val`` and
+``shift-val`` for designing the world and choosing the AR recipe (``shift-val`` never chooses an
+arm's hyper-parameters); ``iid``, ``shift`` and ``combo`` are reported only.
+
+Not in v2 yet (docs/world_v2.md): referents named by two attributes ("the small red object"), which
+need size words both world models were never trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lavender.world.scenes import (
+    HELD_OUT_PAIRS,
+    SEEN_PAIRS,
+    SIZE_RANGES,
+    Scene,
+    SceneObject,
+    _place,
+    _render,
+)
+from lavender.world.write import _progress, _save_example, _write_jsonl
+
+# split -> (decoy shares the answer attribute with probability p?, referent is a held-out pair?)
+V2_SPLITS: dict[str, tuple[bool, bool]] = {
+    "train": (True, False),
+    "iid-val": (True, False),
+    "shift-val": (False, False),
+    "iid": (True, False),
+    "shift": (False, False),
+    "combo": (True, True),
+}
+V2_KINDS: tuple[str, ...] = ("colour", "shape")
+V2_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour": ("What colour is the {shape}?", "What is the colour of the {shape}?"),
+    "shape": ("What shape is the {colour} object?", "What is the shape of the {colour} object?"),
+}
+_SPLIT_CODE = {s: 100 + i for i, s in enumerate(V2_SPLITS)}  # never v1's stream codes
+_MAX_DRAWS = 1000
+
+
+def v2_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of v2 record ``index`` of ``split``: independent of ``n`` and of other splits."""
+    check_split(split)
+    return np.random.default_rng([int(seed), _SPLIT_CODE[split], int(index)])
+
+
+def check_split(split: str) -> None:
+    if split not in V2_SPLITS:
+        raise ValueError(f"unknown world-v2 split {split!r}; choose one of {', '.join(V2_SPLITS)}")
+
+
+def _pick(rng: np.random.Generator, items):
+    return items[int(rng.integers(len(items)))]
+
+
+def _objects(rng: np.random.Generator, kind: str, p: float, split: str
+             ) -> tuple[list[tuple[str, str, str]], int, int] | None:
+    """(colour, shape, size) per object, the referent's and decoy's indices; None to redraw."""
+    shares_p, held = V2_SPLITS[split]
+    pool = sorted(HELD_OUT_PAIRS) if held else list(SEEN_PAIRS)
+    ref_c, ref_s = _pick(rng, pool)
+    answer_is_colour = kind == "colour"
+    share = bool(rng.random() < p) if shares_p else False
+    # the decoy: other naming attribute; the answer attribute equal to the referent's iff ``share``
+    seen = list(SEEN_PAIRS)
+    if answer_is_colour:
+        cands = [(c, s) for c, s in seen if s != ref_s and ((c == ref_c) == share)]
+    else:
+        cands = [(c, s) for c, s in seen if c != ref_c and ((s == ref_s) == share)]
+    if not cands:
+        return None
+    decoy = _pick(rng, cands)
+    objs = [(ref_c, ref_s, "small"), (*decoy, "large")]
+    # distractors: neither the referent's colour nor its shape (so neither the answer nor the name
+    # appears on them), and not the decoy's answer attribute (so the decoy stays the one confound)
+    others = [(c, s) for c, s in seen if c != ref_c and s != ref_s
+              and (c != decoy[0] if answer_is_colour else s != decoy[1]) and (c, s) != decoy]
+    for _ in range(int(rng.integers(0, 3))):
+        if not others:
+            break
+        d = _pick(rng, others)
+        others = [o for o in others if o != d]
+        objs.append((*d, "small"))
+    return objs, 0, 1
+
+
+def v2_example(seed: int, split: str, index: int, p: float) -> tuple[Scene, dict]:
+    """Scene and record fields of v2 record ``index``; kinds alternate (colour, shape, ...)."""
+    check_split(split)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p={p}: the decoy rate must be in [0, 1]")
+    kind = V2_KINDS[index % len(V2_KINDS)]
+    rng = v2_rng(seed, split, index)
+    for _ in range(_MAX_DRAWS):
+        got = _objects(rng, kind, p, split)
+        if got is not None:
+            break
+    else:  # pragma: no cover - the pools always allow a decoy
+        raise RuntimeError(f"no v2 scene for a {kind!r} question in {_MAX_DRAWS} draws")
+    specs, ref, dec = got
+    sides = [int(rng.integers(SIZE_RANGES[sz][0], SIZE_RANGES[sz][1] + 1)) for _, _, sz in specs]
+    order = np.argsort([-s for s in sides], kind="stable")
+    corners: list = [None] * len(specs)
+    for i, xy in zip(order, _place(rng, [sides[i] for i in order])):
+        corners[i] = xy
+    objs = [SceneObject(c, s, sz, x, y, side) for (c, s, sz), side, (x, y) in zip(specs, sides, corners)]
+    tagged = sorted(enumerate(objs), key=lambda t: (t[1].centre[0], t[1].centre[1]))  # caption order
+    where = {orig: k for k, (orig, _) in enumerate(tagged)}
+    scene = _render(tuple(o for _, o in tagged))
+    r, d = scene.objects[where[ref]], scene.objects[where[dec]]
+    template = int(rng.integers(len(V2_TEMPLATES[kind])))
+    if kind == "colour":
+        question, answer = V2_TEMPLATES[kind][template].format(shape=r.shape), r.colour
+    else:
+        question, answer = V2_TEMPLATES[kind][template].format(colour=r.colour), r.shape
+    # the referent's answer word in the caption: word 3k+1 (colour) or 3k+2 (shape) of object k,
+    # counted among grounded words as 2k (colour) / 2k+1 (shape)
+    wm = scene.word_masks
+    g = 2 * where[ref] + (0 if kind == "colour" else 1)
+    dm_start, dm_end = wm.offsets[g]
+    if wm.words[g] != answer:  # guard: the caption's grounded words are in object order
+        raise AssertionError(f"caption word {wm.words[g]!r} is not the answer {answer!r}")
+    attr = "colour" if kind == "colour" else "shape"
+    fields = {
+        "type": kind, "question": question, "answer": answer, "template": f"v2.{kind}.{template}",
+        "referent": where[ref], "decoy": where[dec],
+        "decoy_shares": getattr(d, attr) == getattr(r, attr),
+        "align_pairs": [{"message": 1, "start": 0, "end": len(answer),
+                         "dm_start": int(dm_start), "dm_end": int(dm_end)}],
+    }
+    return scene, fields
+
+
+def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0, p: float = 1.0) -> Path:
+    """Write ``n`` v2 VQA records of ``split`` to ``out_dir/<split>.jsonl`` (images and masks beside it)."""
+    check_split(split)
+    root = Path(out_dir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+
+    def rows():
+        for i in _progress(range(n), n, f"world v2 {split}"):
+            scene, f = v2_example(seed, split, i, p)
+            ex_id = f"v2{split}_{i:06d}"
+            img, masks = _save_example(root, ex_id, scene)
+            yield {"id": ex_id, "images": [img],
+                   "messages": [{"role": "user", "content": "<image>" + f["question"]},
+                                {"role": "assistant", "content": f["answer"]}],
+                   "align_text": scene.caption, "type": f["type"], "answers": [f["answer"]],
+                   "masks": masks, "objects": [o.to_dict() for o in scene.objects],
+                   "template": f["template"], "referent": f["referent"], "decoy": f["decoy"],
+                   "decoy_shares": f["decoy_shares"], "align_pairs": f["align_pairs"], "p": p}
+
+    return _write_jsonl(root / f"{split}.jsonl", rows())
+

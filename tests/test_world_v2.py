@@ -1,0 +1,87 @@
+"""World v2: the decoy rate by split, pairs that name the referent, the shortcut's structure, files.
+
+The referent and decoy are checked from the PIXELS (the colour under the referent's mask, the size
+of the decoy's), not from the generator's own fields alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lavender.config import V2_SPLITS as CONFIG_V2_SPLITS
+from lavender.records import read_records
+from lavender.world import COLOURS, HELD_OUT_PAIRS, load_object_masks
+from lavender.world.v2 import V2_SPLITS, v2_example, write_v2_split
+
+N = 600
+
+
+def _rate(split: str, p: float, n: int = N) -> float:
+    return float(np.mean([v2_example(0, split, i, p)[1]["decoy_shares"] for i in range(n)]))
+
+
+@pytest.mark.parametrize("p", [0.9, 1.0])
+def test_decoy_rate_is_p_in_training_splits_and_zero_in_shift(p) -> None:
+    sd = 3 * math.sqrt(p * (1 - p) / N) + 1e-9  # three binomial standard errors
+    for split in ("train", "iid-val", "iid"):
+        assert abs(_rate(split, p) - p) <= sd, split
+    for split in ("shift-val", "shift"):
+        assert _rate(split, p) == 0.0, split
+
+
+def test_config_lists_the_generators_splits() -> None:
+    assert tuple(V2_SPLITS) == CONFIG_V2_SPLITS
+
+
+def test_every_pair_names_the_referent_and_only_referent_and_decoy_carry_the_answer(tmp_path) -> None:
+    path = write_v2_split(tmp_path, "train", 80, seed=3, p=0.9)
+    rows = [json.loads(ln) for ln in open(path)]
+    for rec in rows:
+        masks = load_object_masks(rec, tmp_path)
+        ref, dec = rec["objects"][rec["referent"]], rec["objects"][rec["decoy"]]
+        attr = "colour" if rec["type"] == "colour" else "shape"
+        (pair,) = rec["align_pairs"]
+        word = rec["align_text"][pair["dm_start"]: pair["dm_end"]]
+        answer = rec["messages"][1]["content"]
+        assert word == answer == ref[attr] == answer[pair["start"]: pair["end"]]
+        # the paired occurrence is the referent's: count the objects named before it in the caption
+        k = rec["align_text"][: pair["dm_start"]].count(" and ")
+        assert k == rec["referent"]
+        # pixels: the referent's mask has the answer colour (colour questions); the decoy's box is the largest
+        if attr == "colour":
+            image = np.asarray(Image.open(tmp_path / rec["images"][0]).convert("RGB"))
+            assert tuple(image[masks[rec["referent"]]][0]) == COLOURS[answer]
+        assert dec["box"][2] > max(o["box"][2] for i, o in enumerate(rec["objects"]) if i != rec["decoy"])
+        assert dec["size"] == "large" and ref["size"] == "small"
+        # only referent and (when it shares) decoy carry the answer attribute; the name is unique
+        carriers = [i for i, o in enumerate(rec["objects"]) if o[attr] == answer]
+        assert carriers == sorted({rec["referent"], rec["decoy"]} if rec["decoy_shares"] else {rec["referent"]})
+        name = "shape" if attr == "colour" else "colour"
+        assert sum(o[name] == ref[name] for o in rec["objects"]) == 1
+    # records load through the toolkit's reader, align_pairs validated
+    assert all(r.align_pairs for r in read_records(path))
+
+
+def test_combo_referents_are_held_out_pairs_never_seen_elsewhere() -> None:
+    for i in range(100):
+        scene, f = v2_example(0, "combo", i, 0.9)
+        r = scene.objects[f["referent"]]
+        assert (r.colour, r.shape) in HELD_OUT_PAIRS
+        for split in ("train", "iid", "shift"):
+            s, _ = v2_example(0, split, i, 0.9)
+            assert not any((o.colour, o.shape) in HELD_OUT_PAIRS for o in s.objects)
+
+
+def test_generator_is_deterministic_and_prefix_stable(tmp_path) -> None:
+    a = write_v2_split(tmp_path / "a", "shift", 12, seed=5)
+    b = write_v2_split(tmp_path / "b", "shift", 20, seed=5)
+    assert open(a).read().splitlines() == open(b).read().splitlines()[:12]
+    assert (tmp_path / "a/images/v2shift_000007.png").read_bytes() == \
+        (tmp_path / "b/images/v2shift_000007.png").read_bytes()
+    assert v2_example(1, "train", 0, 1.0)[0].caption != v2_example(2, "train", 0, 1.0)[0].caption or \
+        v2_example(1, "train", 1, 1.0)[0].caption != v2_example(2, "train", 1, 1.0)[0].caption
