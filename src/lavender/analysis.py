@@ -179,7 +179,8 @@ def plot_entropy_histograms(path: str, groups: Mapping[str, Sequence[float]], ti
 def plot_word_maps(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
     """One row per example: the image, then one panel per map column (e.g. dm, vlm_before, vlm_after).
 
-    Each row mapping holds ``image`` (H, W, 3 uint8), ``word`` and an (S, S) map per column name.
+    Each row mapping holds ``image`` (H, W, 3 uint8), ``word`` and an (S, S) map per column name;
+    an optional ``mask`` (bool, any size) is drawn as a white contour on every panel (the truth).
     """
     plt = _plt()
     n_cols = 1 + len(columns)
@@ -192,6 +193,10 @@ def plot_word_maps(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequen
             axes[r, c].imshow(img)
             axes[r, c].imshow(minmax_np(row[name]), cmap="jet", alpha=0.55, interpolation="bilinear",
                               extent=(0, img.shape[1], img.shape[0], 0))
+            if row.get("mask") is not None:
+                m = np.asarray(row["mask"], dtype=float)
+                axes[r, c].contour(m, levels=[0.5], colors="white", linewidths=1.0,
+                                   extent=(0, img.shape[1], 0, img.shape[0]), origin="upper")
             if r == 0:
                 axes[r, c].set_title(name, fontsize=9)
     for ax in axes.ravel():

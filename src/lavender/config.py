@@ -468,39 +468,37 @@ class AttendConfig(Checked):
 
 @dataclass
 class DemoConfig(Checked):
-    """Options of ``lavender demo`` (the defaults are the documented demo; ``quick`` shrinks it)."""
+    """Options of ``lavender demo``: world v2, four arms over paired seeds (``quick`` shrinks it)."""
 
     out: str = opt("demo_out", "output folder (reused: finished runs are kept)")
-    quick: bool = opt(False, "small sets and few steps (for tests)")
+    quick: bool = opt(False, "small sets, few steps (for tests; ≤ 3 min)")
     dm: str | None = opt(None, "world diffusion pipeline (default: the committed checkpoint)")
     vlm: str | None = opt(None, "world VLM (default: the committed Mllama checkpoint)")
-    seed: int = opt(0, "seed of scenes, weights and data order")
-    n_train: int = opt(300, "fine-tuning records")
-    n_test: int = opt(300, "test records")
-    n_ood: int = opt(300, "out-of-distribution records")
-    n_analysis: int = opt(60, "held-out analysis records")
-    steps: int = opt(300, "fine-tuning steps (quick: 40)")
+    seeds: int = opt(3, "paired seeds 0..N-1 (every arm runs at each)")
+    data_seed: int = opt(0, "seed of the scenes")
+    p: float = opt(1.0, "probability that the decoy shares the answer attribute in training")
+    n_train: int = opt(300, "fine-tuning records (quick: 64)")
+    n_test: int = opt(300, "records of each test split, iid and shift (quick: 64)")
+    n_analysis: int = opt(40, "shift-val records for the attention analysis and figures (quick: 16)")
+    steps: int = opt(300, "fine-tuning steps of every arm (quick: 20)")
     batch_size: int = opt(16, "fine-tuning batch size")
-    # the world VLM is trained from scratch: 1e-4 (the paper's, for Llama) is too low
-    learning_rate: float = opt(2e-3, "fine-tuning learning rate")
-    # λ and align-on chosen on the VALIDATION split (experiments/scaling.py --select; docs/experiments.md)
-    lambda_att: float = opt(1.0, "λ of the Lavender runs (chosen on the validation split)", aliases=["--lambda"])
-    aggregation: Aggregation = opt("heads", "aggregation of the Lavender runs")
-    align_on: AlignOn = opt("answer", "words aligned in the Lavender runs (chosen on the validation split)")
-    resolutions: list[int] | None = opt(None, "DM cross-attention resolutions (default: the DM checkpoint's choice)")
-    oracle: bool = opt(True, "also run the oracle teacher (--no-oracle to skip)")
+    learning_rate: float = opt(1e-3, "fine-tuning learning rate (full fine-tuning)")
+    ratio: float = opt(1.0, "‖λ∇L_att‖/‖∇L_VLM‖ that λ is calibrated to, the same for every attention arm")
+    threads: int = opt(2, "torch threads (fixed, so a seed gives the same numbers on any machine)")
 
     def __post_init__(self) -> None:
         self.check_choices()
         if self.quick:  # shrink what was left at its default (``--quick --steps 60`` keeps 60 steps)
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for name, small in (("n_train", 96), ("n_test", 96), ("n_ood", 96), ("n_analysis", 16), ("steps", 40)):
+            for name, small in (("n_train", 64), ("n_test", 64), ("n_analysis", 16), ("steps", 20)):
                 if getattr(self, name) == defaults[name]:
                     setattr(self, name, small)
-        if min(self.n_train, self.n_test, self.n_ood, self.n_analysis, self.steps, self.batch_size) < 1:
-            raise UsageError("--n-train, --n-test, --n-ood, --n-analysis, --steps and --batch-size must be >= 1")
-        if self.lambda_att < 0:
-            raise UsageError(f"--lambda must be >= 0, got {self.lambda_att}")
+        _positive(seeds=self.seeds, n_train=self.n_train, n_test=self.n_test, n_analysis=self.n_analysis,
+                  steps=self.steps, batch_size=self.batch_size, threads=self.threads)
+        if not 0.0 <= self.p <= 1.0:
+            raise UsageError(f"--p {self.p}: a probability in [0, 1]")
+        if self.ratio <= 0:
+            raise UsageError(f"--ratio must be > 0, got {self.ratio}")
 
 
 # --------------------------------------------------------------------------------- the parser

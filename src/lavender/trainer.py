@@ -359,21 +359,31 @@ def last_checkpoint(run_dir: str) -> str | None:
     return get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
 
 
-def run_training(args: Any, alignment: AlignmentConfig | None = None) -> LavenderTrainer:
+def run_training(args: Any, alignment: AlignmentConfig | None = None, quiet: bool = False) -> LavenderTrainer:
     """Build everything from ``args`` (a :class:`lavender.config.TrainConfig`) and ``alignment``,
-    train (resuming if asked) and save to ``args.output_dir`` with the run's config and model card."""
+    train (resuming if asked) and save to ``args.output_dir`` with the run's config and model card.
+
+    ``quiet``: print nothing per step (the logs still go to ``metrics.jsonl``): for callers that
+    show their own progress, such as the demo and the experiments.
+    """
     import logging
 
     log = logging.getLogger("lavender.train")
     alignment = alignment or AlignmentConfig()
     warn_ignored_alignment(args, alignment)
     trainer = build_trainer(args, alignment)
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     if args.calibrate_lambda is not None:
         lam, base = calibrate_lambda(trainer, args.calibrate_lambda, args.calibration_batches)
-        log.warning("calibrated λ = %.4g: ‖∇L_att‖/‖∇L_VLM‖ = %.4g at λ = 1 over %d batches, target ratio %g",
+        (log.info if quiet else log.warning)("calibrated λ = %.4g: ‖∇L_att‖/‖∇L_VLM‖ = %.4g at λ = 1 over %d batches, target ratio %g",
                     lam, base, args.calibration_batches, args.calibrate_lambda)
-        print(f"lavender train: calibrated λ = {lam:.4g} (gradient ratio {base:.4g} at λ = 1; "
-              f"target {args.calibrate_lambda})")
+        if not quiet:
+            print(f"lavender train: calibrated λ = {lam:.4g} (gradient ratio {base:.4g} at λ = 1; "
+                  f"target {args.calibrate_lambda})")
         args.lambda_att = lam
     resume = last_checkpoint(args.output_dir) if args.resume else None
     if args.resume and resume is None:

@@ -123,10 +123,14 @@ def decoy_follow(records_path: Path, predictions: Sequence[dict]) -> float:
     return hits / n if n else float("nan")
 
 
-def attention_on_objects(model_path: str, records_path: Path, attention: Path, limit: int = 100,
+def attention_on_objects(model_path: str, records_path: Path, attention: Path, limit: int = 200,
                          alignment: AlignmentConfig | None = None) -> dict[str, float]:
-    """Raw (pre-Aligner) answer-word attention of a model: mass ratio on referent vs decoy, sink mass."""
-    from lavender.analysis import collect_word_maps, mass_ratio
+    """Where the answer word's attention lies, for the VLM (raw, before any Aligner) and its DM target.
+
+    Per map: the mass ratio on the referent's and on the decoy's true mask (1.0 = uniform), their
+    ratio (selectivity), and the IoU with the referent; plus the VLM rows' sink mass.
+    """
+    from lavender.analysis import collect_word_maps, iou, mass_ratio
     from lavender.attnstore import AttentionStore
     from lavender.records import read_records
     from lavender.vlm.load import load_vlm
@@ -138,25 +142,32 @@ def attention_on_objects(model_path: str, records_path: Path, attention: Path, l
     rows = collect_word_maps(model.eval(), processor, family, records, store,
                              alignment or AlignmentConfig(aggregation="mean-mean"))
     raw = {r["id"]: r for r in _records(records_path)}
-    ref, dec, sink = [], [], []
+    stats: dict[str, list[float]] = {}
     for row in rows:
         rec = raw[row["id"]]
         masks = load_object_masks(rec, records_path.parent)
-        ref.append(mass_ratio(row["vlm"], masks[rec["referent"]]))
-        dec.append(mass_ratio(row["vlm"], masks[rec["decoy"]]))
-        sink.append(row["sink_mass"])
-    def mean(v: list[float]) -> float:
-        return float(np.nanmean(v)) if v else float("nan")
-
-    return {"referent_mass_ratio": mean(ref), "decoy_mass_ratio": mean(dec),
-            "selectivity": mean(ref) / mean(dec) if dec and mean(dec) else float("nan"),
-            "sink_mass": mean(sink), "words": len(rows)}
+        for who in ("vlm", "dm"):
+            ref, dec = mass_ratio(row[who], masks[rec["referent"]]), mass_ratio(row[who], masks[rec["decoy"]])
+            stats.setdefault(f"{who}_referent_mass_ratio", []).append(ref)
+            stats.setdefault(f"{who}_decoy_mass_ratio", []).append(dec)
+            stats.setdefault(f"{who}_referent_iou", []).append(iou(row[who], masks[rec["referent"]]))
+        stats.setdefault("sink_mass", []).append(row["sink_mass"])
+    out = {k: float(np.nanmean(v)) for k, v in stats.items()}
+    for who in ("vlm", "dm"):
+        d = out.get(f"{who}_decoy_mass_ratio")
+        out[f"{who}_selectivity"] = out[f"{who}_referent_mass_ratio"] / d if d else float("nan")
+    out["words"] = len(rows)
+    return out
 
 
 def run_arm(arm: str, seed: int, *, vlm: str, train: Path, attention: dict[str, Path], evals: dict[str, Path],
             out: Path, recipe: Recipe, keep: bool = False, progress: bool = False,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune one arm at one seed (cached) and score it on every eval split."""
+            probe: tuple[Path, Path] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune one arm at one seed (cached) and score it on every eval split.
+
+    ``probe``: (records, attention dataset) on which the fine-tuned model's answer-word attention
+    is measured (:func:`attention_on_objects`) before the run folder is removed.
+    """
     from lavender.config import TrainConfig
     from lavender.evaluate import evaluate, write_results
     from lavender.trainer import run_training
@@ -179,17 +190,20 @@ def run_arm(arm: str, seed: int, *, vlm: str, train: Path, attention: dict[str, 
         save_steps=10 * recipe.steps, save_strategy="no", disable_tqdm=not progress, report_to=[],
         use_cpu=True, logging_steps=1)
     if not (run_dir / "README.md").exists():
-        run_training(train_cfg, recipe.alignment)
+        run_training(train_cfg, recipe.alignment, quiet=not progress)
     metrics = [json.loads(ln) for ln in open(run_dir / "metrics.jsonl")]
     model, processor, _ = load_vlm(str(run_dir))
     model.eval()
     result: dict[str, Any] = {"arm": arm, "seed": seed, "lambda": metrics[0].get("lambda", 0.0),
                               "train_loss_last": metrics[-1]["loss_vlm"] if metrics else None}
     for split, path in evals.items():
-        r = evaluate(model, processor, str(path), metric="exact", batch_size=32, max_new_tokens=4)
+        r = evaluate(model, processor, str(path), metric="exact", batch_size=32, max_new_tokens=4,
+                     progress=progress)
         write_results(r, str(out / f"eval_{split}"))
         result[split] = r["scores"]["exact"]["overall"]["exact"]["exact"]
         result[f"{split}_decoy_follow"] = decoy_follow(path, r["predictions"])
+    if probe is not None:
+        result["attention"] = attention_on_objects(str(run_dir), probe[0], probe[1], alignment=recipe.alignment)
     for key in ("grad_ratio", "loss_att", "loss_att_raw", "sink_mass"):
         vals = [m[key] for m in metrics if key in m]
         if vals:
@@ -204,6 +218,12 @@ def run_arm(arm: str, seed: int, *, vlm: str, train: Path, attention: dict[str, 
     return result
 
 
+def _nanmean(values: Sequence[float]) -> float:
+    """Mean of the finite values; NaN (no warning) when there are none (e.g. no decoy differs at p = 1)."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def summarise(results: dict[str, list[dict]], splits: Sequence[str], majority: dict[str, float],
               seeds: Sequence[int]) -> dict[str, Any]:
     """The ``results.json`` contract: per arm mean and per-seed accuracy, paired differences vs AR."""
@@ -216,6 +236,6 @@ def summarise(results: dict[str, list[dict]], splits: Sequence[str], majority: d
             out[split][arm] = mean_std([r[split] for r in runs])
     out["paired"] = {split: {arm: paired_difference([r[split] for r in runs], [r[split] for r in results["ar"]])
                              for arm, runs in results.items() if arm != "ar"} for split in splits}
-    out["decoy_follow"] = {split: {arm: float(np.nanmean([r[f"{split}_decoy_follow"] for r in runs]))
+    out["decoy_follow"] = {split: {arm: _nanmean([r[f"{split}_decoy_follow"] for r in runs])
                                    for arm, runs in results.items()} for split in splits}
     return out

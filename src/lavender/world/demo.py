@@ -1,23 +1,22 @@
-"""``lavender demo``: the whole method on the miniature world, through the library calls users' commands make.
+"""``lavender demo``: the method on world v2, end to end, through the library calls users' commands make.
 
-1. Scenes: a fine-tuning set (VQA), a test split, an out-of-distribution split, and an analysis set.
+1. Scenes (:mod:`lavender.world.v2`): a fine-tuning set whose decoy shares the answer with
+   probability p, an ``iid`` and a ``shift`` test split (the decoy never shares there), and an
+   analysis set (``shift-val``).
 2. Stage 1: :func:`lavender.diffusion.extract.run_extract` (``ddim``) with the world's diffusion
-   model, on the :class:`~lavender.config.ExtractConfig` its checkpoint recommends (``stage1.yaml``).
-   Also an "oracle teacher": the ground-truth masks of the caption words written as an attention
-   dataset.
-3. Stage 2: :func:`lavender.trainer.run_training` from the world's pre-trained VLM, twice on
-   identical data, steps and seed — AR (λ = 0) and Lavender (λ) — and once with the oracle maps.
-4. :func:`lavender.evaluate.evaluate` (exact match) on test and OOD; the majority-answer baseline.
-5. Analysis on held-out images: entropy of DM vs VLM maps, IoU of VLM attention with the true
-   object, before and after fine-tuning; figures; ``report.md`` and ``results.json``.
+   model, on the :class:`~lavender.config.ExtractConfig` its checkpoint recommends (``stage1.yaml``);
+   the oracle's maps (the referent's true mask) and, per seed, the shuffled control's.
+3. Stage 2: :func:`lavender.world.arms.run_arm` for AR, Lavender, oracle and shuffled at every
+   seed (one recipe; λ calibrated to one gradient ratio for every attention arm).
+4. Scores, paired differences with 95 % intervals (:mod:`lavender.stats`), attention on the referent
+   vs the decoy, figures; ``results.json``, ``report.md`` and a self-contained ``report.html``.
 
-Everything is seeded; ``--quick`` shrinks the sets and steps to fit a test budget.
+Everything is seeded and cached (a rerun resumes); ``--quick`` shrinks the sets and steps.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -70,32 +69,6 @@ def finetune(vlm: str, train: Path, run_dir: Path, attention: Path | None, lambd
     return run_dir
 
 
-def _log(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def oracle_attention(records_path: Path, out: Path) -> Path:
-    """An attention dataset whose maps are the ground-truth masks of the caption's grounded words."""
-    from lavender.attnstore import AttentionStore, AttentionWriter
-    from lavender.world.scenes import downsample_masks
-    from lavender.world.write import load_word_masks
-
-    if (out / "manifest.json").exists() and len(AttentionStore(out)):
-        return out
-    writer = AttentionWriter(out, {"map_size": 32, "frame": {"mode": "squash"}, "source": "ground-truth masks (oracle)",
-                                   "normalization": "minmax"})
-    with open(records_path) as f:
-        for line in f:
-            rec = json.loads(line)
-            words, offsets, masks = load_word_masks(rec, records_path.parent)
-            if len(words):
-                maps = downsample_masks(np.asarray(masks), 32)
-                maps = maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
-                writer.add(rec["id"], list(words), [tuple(o) for o in offsets], maps.astype(np.float32))
-    writer.close()
-    return out
-
-
 def majority_accuracy(train: Path, split: Path) -> tuple[str, float]:
     """The fine-tuning set's most frequent answer, and its exact-match accuracy on ``split``."""
     from lavender.metrics import normalize_text
@@ -121,168 +94,220 @@ def accuracy(model_path: str, data: Path, out: Path) -> dict[str, Any]:
             "by_type": {t: v["exact"]["exact"] for t, v in s["by_type"].items()}}
 
 
-def _analysis_rows(model_path: str, records: list[Any], store: Any, root: Path, align_on: str) -> list[dict]:
-    """VLM vs DM word maps on the analysis set, with each word's ground-truth mask."""
-    from lavender.analysis import collect_word_maps
-    from lavender.vlm.load import load_vlm
-    from lavender.world.write import load_word_masks
 
-    model, processor, family = load_vlm(model_path)
-    rows = collect_word_maps(model.eval(), processor, family, records, store,
-                             AlignmentConfig(aggregation="mean-mean", align_on=align_on))
-    by_id = {r.id: r for r in records}
-    raw = {json.loads(ln)["id"]: json.loads(ln) for ln in open(root / "analysis.jsonl")}
-    for row in rows:
-        entry = store.get(row["id"])
-        start, end = entry["offsets"][row["dm_index"]]
-        words, offsets, masks = load_word_masks(raw[row["id"]], root)
-        gt = [m for o, m in zip(offsets, masks) if tuple(o) == (start, end)]
-        row["mask"] = np.asarray(gt[0]) if gt else None
-        row["image_path"] = by_id[row["id"]].images[0]
-    return rows
+def _log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run the demo end to end; returns (and writes) ``results.json``."""
-    from lavender.analysis import iou, mass_ratio, normalized_entropy, plot_curves, plot_entropy_histograms
-    from lavender.attnstore import AttentionStore
-    from lavender.diffusion.extract import run_extract
-    from lavender.records import read_records
-    from lavender.world.write import write_split
+    """World v2 end to end, four arms over paired seeds; writes ``results.json``, ``report.md/.html``."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
 
+    from lavender.diffusion.extract import run_extract
+    from lavender.world.arms import (
+        ARMS,
+        Recipe,
+        attention_on_objects,
+        run_arm,
+        summarise,
+        write_mask_attention,
+    )
+    from lavender.world.v2 import write_v2_split
+
+    torch.set_num_threads(cfg.threads)
+    hf_logging.disable_progress_bar()  # one progress bar: the demo's (runs), not one per weight load
     t0 = time.time()
     timings: dict[str, float] = {}
     out = Path(cfg.out)
     data = out / "data"
     dm = world_checkpoint(cfg.dm, "dm", "lavender world train-dm")
     vlm = world_checkpoint(cfg.vlm, "vlm_mllama", "lavender world train-vlm --arch mllama")
+    seeds = list(range(cfg.seeds))
 
-    _log(f"1/5 scenes: {cfg.n_train} fine-tuning, {cfg.n_test} test, {cfg.n_ood} OOD, {cfg.n_analysis} analysis")
-    train = write_split(data, "train", cfg.n_train, seed=cfg.seed)
-    test = write_split(data, "test", cfg.n_test, seed=cfg.seed)
-    ood = write_split(data, "ood", cfg.n_ood, seed=cfg.seed)
-    analysis = write_split(data, "validation", cfg.n_analysis, seed=cfg.seed + 1)
-    os.replace(analysis, data / "analysis.jsonl")
-    analysis = data / "analysis.jsonl"
+    _log(f"1/4 world-v2 scenes (p={cfg.p}): {cfg.n_train} train, {cfg.n_test} iid + {cfg.n_test} shift test, "
+         f"{cfg.n_analysis} analysis (shift-val)")
+    paths = {}
+    for split, n in (("train", cfg.n_train), ("iid", cfg.n_test), ("shift", cfg.n_test), ("shift-val", cfg.n_analysis)):
+        paths[split] = data / f"{split}.jsonl"
+        if not paths[split].exists():
+            write_v2_split(data, split, n, seed=cfg.data_seed, p=cfg.p)
     timings["scenes_s"] = time.time() - t0
 
     t = time.time()
-    _log("2/5 Stage 1: run_extract, recipe ddim (world DM)")
-    overrides = {"resolutions": cfg.resolutions} if cfg.resolutions else {}
-    for src, dst in ((train, out / "attn"), (analysis, out / "attn_analysis")):
-        summary = run_extract(stage1_config(dm, src, dst, **overrides))
-        _log(f"   {dst.name}: {summary['done']} done, {summary['skipped']} kept from before, "
-             f"{summary['failed']} failed")
-    if cfg.oracle:
-        oracle_attention(train, out / "attn_oracle")
+    _log("2/4 Stage 1 (world DM, ddim) on train and analysis; oracle and shuffled maps")
+    attn = {}
+    for split in ("train", "shift-val"):
+        attn[split] = out / f"attn_{split}"
+        if not (attn[split] / "manifest.json").exists():
+            run_extract(stage1_config(dm, paths[split], attn[split], progress=False))
+    oracle = write_mask_attention(paths["train"], out / "attn_oracle")
     timings["extract_s"] = time.time() - t
 
     t = time.time()
-    runs = {"ar": (None, 0.0), "lavender": (out / "attn", cfg.lambda_att)}
-    if cfg.oracle:
-        runs["oracle"] = (out / "attn_oracle", cfg.lambda_att)
-    alignment = AlignmentConfig(aggregation=cfg.aggregation, align_on=cfg.align_on)
-    for name, (attn, lam) in runs.items():
-        _log(f"3/5 Stage 2: run_training ({name}, λ={lam}, {cfg.steps} steps)")
-        finetune(vlm, train, out / "runs" / name, attn, lam, steps=cfg.steps, seed=cfg.seed,
-                 batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, alignment=alignment)
-    timings["train_s"] = time.time() - t
+    recipe = Recipe(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, ratio=cfg.ratio)
+    probe = (paths["shift-val"], attn["shift-val"])
+    premise = attention_on_objects(vlm, *probe, alignment=recipe.alignment)
+    results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    jobs = [(seed, arm) for seed in seeds for arm in ARMS]
+    _log(f"3/4 Stage 2: {len(ARMS)} arms × {len(seeds)} seeds, {cfg.steps} full fine-tuning steps each")
+    bar = tqdm(jobs, desc="fine-tune + eval", unit="run", mininterval=1.0)
+    for seed, arm in bar:
+        bar.set_postfix_str(f"{arm} seed {seed}")
+        shuffled = write_mask_attention(paths["train"], out / f"attn_shuffled_s{seed}", shuffle_seed=1000 + seed)
+        attention = {"lavender": attn["train"], "oracle": oracle, "shuffled": shuffled}
+        results[arm].append(run_arm(arm, seed, vlm=vlm, train=paths["train"], attention=attention,
+                                    evals={"iid": paths["iid"], "shift": paths["shift"]},
+                                    out=out / "runs" / arm / f"seed{seed}", recipe=recipe, probe=probe,
+                                    keep=seed == seeds[0], log=lambda m: bar.write(f"   {m}")))
+    bar.close()
+    timings["train_eval_s"] = time.time() - t
 
     t = time.time()
-    results: dict[str, Any] = {"test": {}, "ood": {}}
-    models = {"base": vlm, **{k: str(out / "runs" / k) for k in runs}}
-    for split, path in (("test", test), ("ood", ood)):
-        answer, acc = majority_accuracy(train, path)
-        results[split]["majority"] = acc
-        results[split]["majority_answer"] = answer
-        for name, path_m in models.items():
-            _log(f"4/5 eval {name} on {split}")
-            r = accuracy(path_m, path, out / "eval" / f"{name}_{split}")
-            results[split][name] = r["accuracy"]
-            results[split][f"{name}_by_type"] = r["by_type"]
-    timings["eval_s"] = time.time() - t
+    _log("4/4 figures and report")
+    majority = {s: majority_accuracy(paths["train"], paths[s])[1] for s in ("iid", "shift")}
+    summary = summarise(results, ["iid", "shift"], majority, seeds)
+    summary["p"] = cfg.p
+    summary["premise_shift_val"] = premise
+    summary["attention_shift_val"] = {arm: _mean_dicts([r["attention"] for r in rs]) for arm, rs in results.items()}
+    summary["lambda"] = {arm: [r["lambda"] for r in rs] for arm, rs in results.items()}
+    figures = _figures(out, vlm, paths, attn, results, summary, seeds[0], recipe)
+    timings["report_s"] = time.time() - t
+    timings["total_s"] = time.time() - t0
+    summary["timings"] = timings
+    summary["config"] = {**asdict(cfg), "dm": dm, "vlm": vlm}
+    summary = _clean(summary)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    text = report(summary, figures)
+    (out / "report.md").write_text(text)
+    from lavender.analysis import html_report
 
-    t = time.time()
-    _log("5/5 analysis: entropy and IoU before/after, figures")
-    store = AttentionStore(out / "attn_analysis")
-    records = [r for r in read_records(analysis) if r.id in store]
-    rows = {name: _analysis_rows(p, records, store, data, cfg.align_on) for name, p in models.items()}
-    base_rows = rows["base"]
-    ent = {"dm": normalized_entropy(np.stack([r["dm"] for r in base_rows])).tolist() if base_rows else []}
-    loc: dict[str, Any] = {}
-    for name, rs in rows.items():
-        ent[name] = normalized_entropy(np.stack([r["vlm"] for r in rs])).tolist() if rs else []
-        with_mask = [r for r in rs if r["mask"] is not None]
-        loc[name] = {"iou": float(np.nanmean([iou(r["vlm"], r["mask"]) for r in with_mask])) if with_mask else None,
-                     "mass_ratio": float(np.nanmean([mass_ratio(r["vlm"], r["mask"]) for r in with_mask]))
-                     if with_mask else None, "words": len(with_mask)}
-    dm_masked = [r for r in base_rows if r["mask"] is not None]
-    loc["dm"] = {"iou": float(np.nanmean([iou(r["dm"], r["mask"]) for r in dm_masked])) if dm_masked else None,
-                 "mass_ratio": float(np.nanmean([mass_ratio(r["dm"], r["mask"]) for r in dm_masked]))
-                 if dm_masked else None, "words": len(dm_masked)}
-    results["localisation"] = loc
-    results["entropy"] = {k: float(np.mean(v)) if len(v) else None for k, v in ent.items()}
+    html_report(str(out / "report.html"), text, title="Lavender demo: world v2")
+    _log(f"done in {timings['total_s']:.0f} s: {out / 'report.md'} and report.html")
+    return summary
+
+
+def _mean_dicts(rows: list[dict]) -> dict[str, float]:
+    return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def _clean(x: Any) -> Any:
+    """Strict JSON: NaN and infinities become null."""
+    if isinstance(x, float):
+        return x if np.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _figures(out: Path, vlm: str, paths: dict[str, Path], attn: dict[str, Path], results: dict[str, list[dict]],
+             summary: dict[str, Any], seed: int, recipe: Any) -> dict[str, str]:
+    """Word maps (truth as a contour), entropy histograms, loss curves and the paired differences."""
+    from lavender.analysis import (
+        collect_word_maps,
+        normalized_entropy,
+        plot_curves,
+        plot_entropy_histograms,
+        plot_paired_differences,
+        plot_word_maps,
+    )
+    from lavender.attnstore import AttentionStore
+    from lavender.records import load_image, read_records
+    from lavender.vlm.load import load_vlm
+    from lavender.world.write import load_object_masks
+
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    plot_entropy_histograms(str(figs / "entropy.png"), {"DM": ent["dm"], "VLM before": ent["base"],
-                                                        "VLM after (Lavender)": ent["lavender"]},
-                            "word-map entropy, analysis set")
-    curves = {k: [json.loads(ln) for ln in open(out / "runs" / k / "metrics.jsonl")] for k in runs}
-    plot_curves(str(figs / "curves.png"), curves, ["loss_vlm", "loss_att"])
-    _word_map_figure(figs / "word_maps.png", rows)
-    timings["analysis_s"] = time.time() - t
-    timings["total_s"] = time.time() - t0
-    results["timings"] = timings
-    results["config"] = {**asdict(cfg), "dm": dm, "vlm": vlm}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(report(results))
-    _log(f"done in {timings['total_s']:.0f} s: {out / 'report.md'}")
-    return results
-
-
-def _word_map_figure(path: Path, rows: dict[str, list[dict]], n: int = 6) -> None:
-    from lavender.analysis import plot_word_maps
-    from lavender.records import load_image
-
-    keyed = {name: {(r["id"], r["word"], r["dm_index"]): r for r in rs} for name, rs in rows.items()}
+    store = AttentionStore(attn["shift-val"])
+    records = [r for r in read_records(paths["shift-val"]) if r.id in store]
+    raw = {json.loads(ln)["id"]: json.loads(ln) for ln in open(paths["shift-val"])}
+    models = {"VLM before": vlm, **{f"after {a}": str(out / "runs" / a / f"seed{seed}" / "run")
+                                    for a in ("ar", "lavender", "oracle")}}
+    rows: dict[str, dict[str, dict]] = {}
+    for name, path in models.items():
+        model, processor, family = load_vlm(path)
+        rows[name] = {r["id"]: r for r in collect_word_maps(model.eval(), processor, family, records, store,
+                                                            recipe.alignment)}
     shown = []
-    for key, r in list(keyed["base"].items())[: 4 * n]:
-        if r["mask"] is None or not all(key in keyed[k] for k in keyed):
+    for rid in list(rows["VLM before"])[:6]:
+        if not all(rid in rows[k] for k in rows):
             continue
-        item = {"image": np.asarray(load_image(r["image_path"]).resize((128, 128))), "word": r["word"],
-                "ground truth": r["mask"].astype(np.float32), "DM": r["dm"], "VLM before": r["vlm"]}
-        for name in ("ar", "lavender"):
-            item[f"after {name.upper() if name == 'ar' else 'Lavender'}"] = keyed[name][key]["vlm"]
+        rec = raw[rid]
+        item = {"image": np.asarray(load_image(str(paths["shift-val"].parent / rec["images"][0])).resize((128, 128))),
+                "word": rows["VLM before"][rid]["word"], "mask": load_object_masks(rec, paths["shift-val"].parent)[
+                    rec["referent"]], "DM": rows["VLM before"][rid]["dm"]}
+        item.update({k: rows[k][rid]["vlm"] for k in rows})
         shown.append(item)
-        if len(shown) == n:
-            break
+    out_figs: dict[str, str] = {}
     if shown:
-        cols = [c for c in shown[0] if c not in ("image", "word")]
-        plot_word_maps(str(path), shown, cols)
+        plot_word_maps(str(figs / "word_maps.png"), shown, ["DM", *rows])
+        out_figs["word_maps"] = "figures/word_maps.png"
+    ent = {"DM": [r["dm"] for r in rows["VLM before"].values()], **{k: [r["vlm"] for r in v.values()]
+                                                                      for k, v in rows.items()}}
+    ent = {k: normalized_entropy(np.stack(v)).tolist() for k, v in ent.items() if v}
+    if ent:
+        plot_entropy_histograms(str(figs / "entropy.png"), ent, "answer-word map entropy, shift-val")
+        out_figs["entropy"] = "figures/entropy.png"
+        summary["entropy_shift_val"] = {k: float(np.mean(v)) for k, v in ent.items()}
+    curves = {a: [json.loads(ln) for ln in open(out / "runs" / a / f"seed{seed}" / "run" / "metrics.jsonl")]
+              for a in results}
+    plot_curves(str(figs / "curves.png"), curves, ["loss_vlm", "loss_att_raw"])
+    out_figs["curves"] = "figures/curves.png"
+    plot_paired_differences(str(figs / "paired.png"), summary["paired"])
+    out_figs["paired"] = "figures/paired.png"
+    return out_figs
 
 
-def report(results: dict[str, Any]) -> str:
-    """The Markdown report of a demo run."""
-    names = [k for k in ("majority", "base", "ar", "lavender", "oracle") if k in results["test"]]
-    label = {"majority": "majority answer", "base": "pre-trained VLM (no fine-tuning)", "ar": "AR fine-tuning (λ = 0)",
-             "lavender": "Lavender (DM teacher)", "oracle": "Lavender (oracle teacher: true masks)"}
-    lines = ["# Lavender on the miniature world", "",
-             "Exact-match accuracy of greedy answers (fine-tuned on identical data, steps and seed).", "",
-             "| model | test | OOD |", "| --- | ---: | ---: |"]
-    for n in names:
-        lines.append(f"| {label[n]} | {100 * results['test'][n]:.1f} | {100 * results['ood'][n]:.1f} |")
-    loc = results.get("localisation", {})
-    lines += ["", "## Attention", "",
-              "On held-out analysis images, for the aligned words that name an object: IoU of the attention map "
-              "(min–max, ≥ 0.5) with the object's true mask, and the mass inside the mask over a uniform map's "
-              "(1.0 = no localisation). Entropy: normalised, 1 = uniform.", "",
-              "| maps | IoU | mass ratio | entropy |", "| --- | ---: | ---: | ---: |"]
-    for n in ("dm", "base", "ar", "lavender", "oracle"):
-        if n in loc and loc[n].get("iou") is not None:
-            name = "DM (Stage 1)" if n == "dm" else label[n]
-            lines.append(f"| {name} | {loc[n]['iou']:.3f} | {loc[n]['mass_ratio']:.2f} | "
-                         f"{results['entropy'].get(n) or float('nan'):.3f} |")
-    lines += ["", "![word maps](figures/word_maps.png)", "", "![entropy](figures/entropy.png)", "",
-              "![curves](figures/curves.png)", "",
-              f"Total time: {results['timings']['total_s']:.0f} s. Configuration: `results.json`."]
+LABELS = {"ar": "AR (λ = 0)", "lavender": "Lavender (DM teacher)", "oracle": "oracle (referent's true mask)",
+          "shuffled": "shuffled oracle (another record's referent mask)"}
+
+
+def report(s: dict[str, Any], figures: dict[str, str]) -> str:
+    """The Markdown report of a demo run (multi-seed table, paired differences, attention, figures)."""
+    n = len(s["seeds"])
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = ["# Lavender on the miniature world (v2)", "",
+             f"Each record asks for the colour or shape of one small referent; a large decoy shares the answer "
+             f"with probability p = {s['p']} in training and iid test, never in the shift test. Every arm "
+             f"fine-tunes the same pre-trained world VLM on identical data, steps and seed; {n} paired seeds "
+             f"({', '.join(map(str, s['seeds']))}).", "",
+             "## Accuracy (exact match, mean ± std over seeds)", "",
+             "| arm | iid | shift | shift: answers naming the decoy |", "| --- | ---: | ---: | ---: |",
+             f"| majority answer | {pct(s['iid']['majority'])} | {pct(s['shift']['majority'])} | |"]
+    for arm in LABELS:
+        if arm in s["iid"]:
+            i, sh = s["iid"][arm], s["shift"][arm]
+            lines.append(f"| {LABELS[arm]} | {pct(i['mean'])} ± {pct(i['std'])} | {pct(sh['mean'])} ± "
+                         f"{pct(sh['std'])} | {pct(s['decoy_follow']['shift'].get(arm))} |")
+    lines += ["", f"## Paired difference vs AR (points; 95 % t-interval over n = {n} seeds, {n - 1} df)", "",
+              "| arm | iid | shift |", "| --- | ---: | ---: |"]
+    for arm in LABELS:
+        if arm in s["paired"]["iid"]:
+            cells = []
+            for split in ("iid", "shift"):
+                d = s["paired"][split][arm]
+                lo, hi = d["ci95"]
+                cells.append(f"{pct(d['mean'])} [{pct(lo)}, {pct(hi)}]")
+            lines.append(f"| {LABELS[arm]} | {cells[0]} | {cells[1]} |")
+    pr = s.get("premise_shift_val", {})
+    lines += ["", "## Attention on the referent vs the decoy (shift-val, answer word, before any Aligner)", "",
+              "Mass ratio: the map's mass inside the object's true mask over the mask's area share (1 = uniform).",
+              "", "| maps | referent | decoy | selectivity | sink mass |", "| --- | ---: | ---: | ---: | ---: |"]
+    if pr:
+        lines.append(f"| DM teacher (Stage 1) | {pr['dm_referent_mass_ratio']:.2f} | {pr['dm_decoy_mass_ratio']:.2f} | "
+                     f"{pr['dm_selectivity']:.2f} | |")
+        lines.append(f"| pre-trained VLM | {pr['vlm_referent_mass_ratio']:.2f} | {pr['vlm_decoy_mass_ratio']:.2f} | "
+                     f"{pr['vlm_selectivity']:.2f} | {pr['sink_mass']:.3f} |")
+    for arm, a in s.get("attention_shift_val", {}).items():
+        lines.append(f"| after {LABELS[arm]} | {a['vlm_referent_mass_ratio']:.2f} | {a['vlm_decoy_mass_ratio']:.2f} | "
+                     f"{a['vlm_selectivity']:.2f} | {a['sink_mass']:.3f} |")
+    lines.append("")
+    for key, title in (("paired", "paired differences"), ("word_maps", "word maps (white: the referent's true mask)"),
+                       ("entropy", "entropy"), ("curves", "training curves (seed 0)")):
+        if key in figures:
+            lines += [f"![{title}]({figures[key]})", ""]
+    lines.append(f"Total time: {s['timings']['total_s']:.0f} s. Everything else: `results.json`.")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,169 @@
+"""World v2: does aligning the VLM's attention with a teacher make it answer better when a shortcut breaks?
+
+One command, cached and resumable (every run's result is a JSON file under ``--out``; rerun to go on):
+
+    python experiments/world_v2.py --out runs/world_v2 --seeds 0 1 2 3 4 --sizes 300 1000
+
+Phases:
+
+1. Data (deterministic by ``--data-seed``): ``train`` (the largest size; smaller sizes are its
+   prefix), ``iid-val`` and ``shift-val`` (200 each), ``iid`` and ``shift`` test (``--n-test``).
+2. Stage 1 with the world DM on train / iid-val / shift-val; the oracle's maps (the referent's true
+   mask) and, per seed, the shuffled control's (another record's referent mask).
+3. The premise: on ``iid-val``, the DM teacher's map for the paired answer word against the
+   pre-trained VLM's aligned-row attention (mass on the referent and the decoy, IoU, selectivity).
+4. The recipe, for AR only and on ``iid-val`` only: a small grid of steps × learning rate; the
+   best iid-val accuracy is the recipe of every arm (ties → fewer steps). Training accuracy is
+   reported (the issue's bar: ≥ 95 %).
+5. Arms × seeds × sizes with :func:`lavender.world.arms.run_arm`: AR, Lavender (DM), oracle,
+   shuffled; λ from ``--calibrate-lambda`` at one fixed ratio for every attention arm.
+6. Summary per size (:func:`lavender.world.arms.summarise`: mean ± std, paired differences vs AR
+   with 95 % t-intervals over seeds) → ``summary.json``, figures, ``report.md``.
+
+Torch uses ``--threads`` (default 2) threads so numbers do not depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lavender.diffusion.extract import run_extract
+from lavender.world.arms import ARMS, Recipe, attention_on_objects, run_arm, summarise, write_mask_attention
+from lavender.world.demo import majority_accuracy, stage1_config, world_checkpoint
+from lavender.world.v2 import write_v2_split
+
+GRID = [(150, 1e-3), (300, 1e-3), (300, 3e-4), (600, 3e-4)]  # (steps, lr) tried for AR on iid-val
+
+
+def log(msg: str) -> None:
+    print(f"[world_v2 {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def clean(x: Any) -> Any:
+    """JSON without NaN/inf (strict parsers reject them): those become null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    return x
+
+
+def prefix(path: Path, n: int, name: str) -> Path:
+    """The first ``n`` records of ``path`` as ``name`` beside it (same images)."""
+    out = path.parent / name
+    if not out.exists():
+        lines = open(path).read().splitlines()[:n]
+        out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def data(a: argparse.Namespace) -> dict[str, Path]:
+    root = Path(a.out) / "data"
+    paths = {}
+    for split, n in (("train", max(a.sizes)), ("iid-val", 200), ("shift-val", 200), ("iid", a.n_test),
+                     ("shift", a.n_test)):
+        p = root / f"{split}.jsonl"
+        if not p.exists():
+            write_v2_split(root, split, n, seed=a.data_seed, p=a.p)
+        paths[split] = p
+    for n in a.sizes:
+        paths[f"train{n}"] = prefix(paths["train"], n, f"train{n}.jsonl")
+    paths["train_acc"] = prefix(paths["train"], 300, "train_acc.jsonl")  # training accuracy probe
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/world_v2")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[300, 1000])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--p", type=float, default=1.0, help="decoy rate of train/iid splits")
+    ap.add_argument("--arch", default="mllama", choices=["mllama", "llava"])
+    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--ratio", type=float, default=1.0, help="‖λ∇L_att‖/‖∇L_VLM‖ of every attention arm")
+    ap.add_argument("--recipe", default=None, help="steps,lr: skip the AR grid (e.g. 300,1e-3)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = data(a)
+    dm = world_checkpoint(None, "dm", "lavender world train-dm")
+    vlm = world_checkpoint(None, f"vlm_{a.arch}", f"lavender world train-vlm --arch {a.arch}")
+
+    log("Stage 1 (world DM) on train, iid-val, shift-val")
+    attn = {}
+    for split in ("train", "iid-val", "shift-val"):
+        attn[split] = out / f"attn_{split}"
+        if not (attn[split] / "manifest.json").exists():
+            run_extract(stage1_config(dm, paths[split], attn[split], progress=False))
+    oracle = write_mask_attention(paths["train"], out / "attn_oracle")
+
+    premise_file = out / f"premise_{a.arch}.json"
+    if not premise_file.exists():
+        log("premise: DM teacher vs pre-trained VLM on iid-val")
+        premise_file.write_text(json.dumps(clean(attention_on_objects(vlm, paths["iid-val"], attn["iid-val"])),
+                                           indent=2))
+    premise = json.loads(premise_file.read_text())
+    log(f"premise: {premise}")
+
+    base = Recipe(ratio=a.ratio)
+    if a.recipe:
+        steps, lr = a.recipe.split(",")
+        base.steps, base.learning_rate = int(steps), float(lr)
+        grid = {}
+    else:
+        log(f"recipe: AR grid on iid-val {GRID} (size {max(a.sizes)}, seed {a.seeds[0]})")
+        grid = {}
+        for steps, lr in GRID:
+            r = Recipe(steps=steps, learning_rate=lr, ratio=a.ratio)
+            res = run_arm("ar", a.seeds[0], vlm=vlm, train=paths[f"train{max(a.sizes)}"], attention={},
+                          evals={"iid-val": paths["iid-val"], "train": paths["train_acc"]},
+                          out=out / a.arch / "grid" / f"s{steps}_lr{lr:g}", recipe=r, log=log)
+            grid[f"{steps},{lr:g}"] = {"iid-val": res["iid-val"], "train": res["train"]}
+        best = max(grid, key=lambda k: (grid[k]["iid-val"], -int(k.split(",")[0])))
+        base.steps, base.learning_rate = int(best.split(",")[0]), float(best.split(",")[1])
+        log(f"recipe: {best} (iid-val {grid[best]['iid-val']:.3f}, train {grid[best]['train']:.3f})")
+
+    evals = {"iid": paths["iid"], "shift": paths["shift"], "train": paths["train_acc"]}
+    summary: dict[str, Any] = {"p": a.p, "arch": a.arch, "seeds": a.seeds, "recipe": {
+        "steps": base.steps, "learning_rate": base.learning_rate, "full": base.full, "ratio": base.ratio,
+        "att_loss": base.att_loss, "aligner": base.aligner, "batch_size": base.batch_size},
+        "recipe_grid_iid_val": grid, "premise_iid_val": premise, "sizes": {}}
+    for size in a.sizes:
+        train = paths[f"train{size}"]
+        results: dict[str, list[dict]] = {arm: [] for arm in a.arms}
+        for seed in a.seeds:
+            shuffled = write_mask_attention(paths["train"], out / f"attn_shuffled_s{seed}", shuffle_seed=1000 + seed)
+            attention = {"lavender": attn["train"], "oracle": oracle, "shuffled": shuffled}
+            for arm in a.arms:
+                results[arm].append(run_arm(
+                    arm, seed, vlm=vlm, train=train, attention=attention, evals=evals,
+                    out=out / a.arch / f"n{size}" / arm / f"seed{seed}", recipe=base,
+                    probe=(paths["shift-val"], attn["shift-val"]), log=log))
+        majority = {s: majority_accuracy(train, paths[s])[1] for s in ("iid", "shift")}
+        s = summarise(results, ["iid", "shift"], majority, a.seeds) if "ar" in results else {}
+        s["train_accuracy"] = {arm: sum(r["train"] for r in rs) / len(rs) for arm, rs in results.items()}
+        s["attention_shift_val"] = {arm: {k: sum(r["attention"][k] for r in rs) / len(rs)
+                                          for k in rs[0]["attention"]} for arm, rs in results.items()}
+        s["lambda"] = {arm: [r["lambda"] for r in rs] for arm, rs in results.items()}
+        s["grad_ratio_last"] = {arm: [r.get("grad_ratio_last") for r in rs] for arm, rs in results.items()}
+        summary["sizes"][str(size)] = s
+        (out / f"summary_{a.arch}.json").write_text(json.dumps(clean(summary), indent=2))
+        log(f"size {size}: " + json.dumps(clean({k: s[k] for k in ("paired", "decoy_follow") if k in s})))
+    log(f"done: {out / f'summary_{a.arch}.json'}")
+
+
+if __name__ == "__main__":
+    main()
