@@ -39,7 +39,7 @@ from lavender.world.arms import ARMS, Recipe, attention_on_objects, run_arm, sum
 from lavender.world.demo import majority_accuracy, stage1_config, world_checkpoint
 from lavender.world.v2 import write_v2_split
 
-GRID = [(150, 1e-3), (300, 1e-3), (300, 3e-4), (600, 3e-4)]  # (steps, lr) tried for AR on iid-val
+GRID = [(150, 1e-3), (300, 1e-3), (300, 2e-3), (300, 3e-3), (600, 1e-3), (600, 2e-3)]  # (steps, lr) for AR, on iid-val
 
 
 def log(msg: str) -> None:

@@ -44,7 +44,7 @@ def _cases(p: dict[str, str]) -> list[tuple[list[str], int, str]]:
         (["world", "train-vlm", "--out", f"{r}/w", "--arch", "gpt"], 2, "mllama"),
         (["tiny-vlm", "--arch", "nope", f"{r}/t"], 2, "llava"),
         (["tiny-dm", f"{r}/t", "--architecture", "sd99"], 2, "sd14"),
-        (["demo", "--aggregation", "bad"], 2, "heads"),
+        (["demo", "--p", "1.5"], 2, "[0, 1]"),
         # unknown flags, unknown YAML keys, broken config files, missing options
         (["extract", "--dm", dm, *need, "--bogus"], 2, "unrecognized"),
         (["extract", "--dm", dm, *need, "--config", f"{r}/unknown.yaml"], 2, "unknown option 'recipes'"),

@@ -44,6 +44,7 @@ class AlignmentBatch:
         frame: the attention dataset's frame (squash / pad / center-crop).
         target_index: per matched word, the index of its DM word in the example's attention entry.
         n_ambiguous: words whose text named several DM words (resolved by ``ambiguous``).
+        ids: the batch's record ids (to name them when a loss is not finite).
     """
 
     plan: CapturePlan
@@ -55,6 +56,7 @@ class AlignmentBatch:
     frame: str = "squash"
     target_index: list[int] = field(default_factory=list)
     n_ambiguous: int = 0  # words whose text names several DM words (text matching only)
+    ids: list[str] = field(default_factory=list)
 
     @property
     def n_matched(self) -> int:
@@ -167,7 +169,8 @@ class LavenderCollator:
             rows=rows, grids=grids,
             targets=torch.stack(targets) if targets else torch.zeros(0, size, size),
             attention_mask=batch["attention_mask"], n_words=n_words,
-            frame=manifest_frame(self.store.manifest), target_index=target_index, n_ambiguous=n_ambiguous)
+            frame=manifest_frame(self.store.manifest), target_index=target_index, n_ambiguous=n_ambiguous,
+            ids=[r.id for r in recs])
 
 
 def _paired(words: Sequence[Any], pairs: Sequence[dict], lay: Layout,

@@ -272,6 +272,10 @@ def load_image(path: str | Path):
             img = im
     except FileNotFoundError as e:
         raise ValueError(f"image {str(path)!r} not found") from e
+    except Image.DecompressionBombError as e:  # not an OSError: it would escape every caller's skip
+        raise ValueError(f"image {str(path)!r} is larger than Pillow's decompression-bomb limit "
+                         f"({Image.MAX_IMAGE_PIXELS} pixels); downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                         "if you trust the file") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"image {str(path)!r} is unreadable or corrupt ({e})") from e
     w, h = img.size

@@ -114,10 +114,19 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= state.global_step]
-        with open(self.path, "w") as f:
+        lines = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for ln in f:
+                try:
+                    row = json.loads(ln)
+                except ValueError:  # a line torn by a kill mid-write: it was never a complete step
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= state.global_step:
+                    lines.append(ln if ln.endswith("\n") else ln + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(lines)
+        os.replace(tmp, self.path)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -178,6 +187,11 @@ class LavenderTrainer(Trainer):
                 diag["grad_ratio"] = self._step["grad_ratio"]
             self._step = {}
         loss = outputs.loss
+        if not torch.isfinite(loss.detach()).all():  # before backward: the weights stay as they were
+            raise LavenderError(
+                f"the loss is not finite at step {self.state.global_step + 1} (records "
+                f"{', '.join(align.ids) if align is not None and align.ids else 'not tracked without --attention'}); check their attention maps "
+                "(`lavender inspect`) and images, or lower --learning_rate")
         loss_vlm, loss_att = parts if parts is not None else (loss.detach(), loss.new_zeros(()))
         self._record(loss_vlm=loss_vlm, loss_att=loss_att, lam=lam, align=align, diag=diag)
         return (loss, outputs) if return_outputs else loss
@@ -353,10 +367,79 @@ class RecordDataset(torch.utils.data.Dataset):
         return self.records[i]
 
 
-def last_checkpoint(run_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+MIN_ATTENTION_COVERAGE = 0.5  # below this share of records with maps, training warns
 
-    return get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+
+def screen_records(dataset: RecordDataset, store: Any, *, strict: bool, attention: str | None = None) -> None:
+    """Refuse poison before step 0: drop (and count in ``dataset.errors``) or, with ``strict``, raise
+    for each record whose maps would silently corrupt training.
+
+    With an attention dataset: a repeated id (maps are joined by id, so the second copy would take
+    the first one's maps), and maps that are not finite or not ``(n_words, S, S)`` with the
+    manifest's ``S`` (one NaN map turns every weight into NaN). Without one, a repeated id is harmless
+    and kept. Reads every matched record's maps once.
+    """
+    import numpy as np
+
+    from lavender.records import RecordError
+
+    if store is None:
+        return
+    size = store.manifest.get("map_size")
+    seen: set[str] = set()
+    kept = []
+    for rec in dataset.records:
+        reason = None
+        if rec.id in seen:
+            reason = (f"id {rec.id!r} repeats an earlier record's: maps are joined by id, so it would train on "
+                      "the other record's maps; give every record its own id")
+        elif rec.id in store:
+            maps = np.asarray(store.get(rec.id)["maps"])
+            if maps.ndim != 3 or (size and tuple(maps.shape[1:]) != (size, size)):
+                reason = f"its maps in {attention} have shape {tuple(maps.shape)}, not (words, {size}, {size})"
+            elif not np.isfinite(maps).all():
+                reason = (f"its maps in {attention} hold non-finite values (NaN/inf): re-extract this record "
+                          "(`lavender inspect` lists every such map)")
+        seen.add(rec.id)
+        if reason is None:
+            kept.append(rec)
+            continue
+        err = RecordError(rec.index, rec.id, reason)
+        if strict:
+            raise err
+        dataset.errors.append(err)
+    dataset.records = kept
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step of a COMPLETE checkpoint folder, else None.
+
+    transformers writes ``trainer_state.json`` last (after the weights, optimizer, scheduler and RNG
+    states), so a checkpoint whose state file is missing or torn was cut off mid-save.
+    """
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def last_checkpoint(run_dir: str) -> str | None:
+    """The newest COMPLETE ``checkpoint-N`` of ``run_dir`` (one cut off mid-save is skipped, with a warning)."""
+    import logging
+    import re
+
+    if not os.path.isdir(run_dir):
+        return None
+    found = sorted(((int(m.group(1)), name) for name in os.listdir(run_dir)
+                    if (m := re.fullmatch(r"checkpoint-(\d+)", name))), reverse=True)
+    for _, name in found:
+        path = os.path.join(run_dir, name)
+        if checkpoint_step(path) is not None:
+            return path
+        logging.getLogger("lavender.train").warning(
+            "%s is incomplete (cut off while saving: no readable trainer_state.json); skipping it", path)
+    return None
 
 
 def run_training(args: Any, alignment: AlignmentConfig | None = None, quiet: bool = False) -> LavenderTrainer:
@@ -377,6 +460,14 @@ def run_training(args: Any, alignment: AlignmentConfig | None = None, quiet: boo
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+    resume = last_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and resume is None:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
+    done = checkpoint_step(resume) if resume else None
+    if done is not None and 0 < args.max_steps <= done and os.path.exists(os.path.join(args.output_dir, "README.md")):
+        log.warning("--resume: %s already finished at step %d (--max_steps %d): nothing to train; raise "
+                    "--max_steps to continue", args.output_dir, done, args.max_steps)
+        return trainer
     if args.calibrate_lambda is not None:
         lam, base = calibrate_lambda(trainer, args.calibrate_lambda, args.calibration_batches)
         (log.info if quiet else log.warning)("calibrated λ = %.4g: ‖∇L_att‖/‖∇L_VLM‖ = %.4g at λ = 1 over %d batches, target ratio %g",
@@ -385,9 +476,6 @@ def run_training(args: Any, alignment: AlignmentConfig | None = None, quiet: boo
             print(f"lavender train: calibrated λ = {lam:.4g} (gradient ratio {base:.4g} at λ = 1; "
                   f"target {args.calibrate_lambda})")
         args.lambda_att = lam
-    resume = last_checkpoint(args.output_dir) if args.resume else None
-    if args.resume and resume is None:
-        log.warning("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.should_save:
         with open(os.path.join(args.output_dir, RUN_CONFIG), "w") as f:
@@ -496,16 +584,26 @@ def build_trainer(args: Any, alignment: AlignmentConfig | None = None) -> Lavend
     alignment = alignment or AlignmentConfig()
     set_seed(args.seed)  # LoRA and the Aligner are initialised before the Trainer seeds anything
     dataset = RecordDataset(args.data, args.images_root, strict=args.strict)
-    for err in dataset.errors:
-        log.warning("skipped %s", err)
-    if not len(dataset):
-        raise LavenderError(f"--data {args.data}: no usable record ({len(dataset.errors)} bad; the first: "
-                            f"{dataset.errors[0] if dataset.errors else 'the file is empty'})")
     store = None
     if args.uses_attention:
         from lavender.attnstore import AttentionStore
 
         store = AttentionStore(args.attention)
+    screen_records(dataset, store, strict=args.strict, attention=args.attention)
+    for err in dataset.errors:
+        log.warning("skipped %s", err)
+    if not len(dataset):
+        raise LavenderError(f"--data {args.data}: no usable record ({len(dataset.errors)} bad; the first: "
+                            f"{dataset.errors[0] if dataset.errors else 'the file is empty'})")
+    if store is not None:
+        matched = sum(r.id in store for r in dataset.records)
+        if matched == 0:
+            raise LavenderError(f"--attention {args.attention} has maps for none of the {len(dataset)} records "
+                                f"of --data {args.data} (maps are joined by record id): extract it from this "
+                                "data, or drop --attention for plain fine-tuning")
+        if matched < MIN_ATTENTION_COVERAGE * len(dataset):
+            log.warning("--attention %s covers only %d of %d records: the rest train without the attention term",
+                        args.attention, matched, len(dataset))
     model, processor, family = load_vlm(args.model)
     layers = alignment.layer_list or family.default_layers(model)
     aggregation = alignment.aggregation

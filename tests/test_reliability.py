@@ -1,0 +1,143 @@
+"""Training refuses poison and survives torn files: NaN or misshapen maps, repeated ids, an attention
+dataset that matches nothing, decompression bombs, a non-finite loss, checkpoints cut off mid-save,
+torn metrics lines, and ``--resume`` of a finished run. Each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lavender.attnstore import AttentionWriter
+from lavender.config import AlignmentConfig, LavenderError, TrainConfig
+from lavender.records import RecordError, load_image
+from lavender.trainer import build_trainer, last_checkpoint, run_training
+from lavender.words import split_words
+
+ANSWERS = ["a red circle", "a blue square", "a green triangle", "two yellow crosses"]
+
+
+def _data(root, *, nan_id: str | None = None, dup: bool = False, shape_id: str | None = None,
+          ids_offset: int = 0) -> tuple[str, str]:
+    """Records r0..r3 with images and random answer-word maps; optional poison."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    writer = AttentionWriter(root / "attn", {"map_size": 32, "frame": "squash"})
+    other = AttentionWriter(root / "attn", {"map_size": 32, "frame": "squash"}, rank=1)  # e.g. another rank
+    rows = []
+    for i, ans in enumerate(ANSWERS):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        rid = f"r{i}"
+        rows.append({"id": f"r{i + ids_offset}", "images": [f"{i}.png"],
+                     "messages": [{"role": "user", "content": "<image>What is there?"},
+                                  {"role": "assistant", "content": ans}]})
+        ws = split_words(ans)
+        size = 16 if rid == shape_id else 32
+        maps = rng.random((len(ws), size, size)).astype("float32")
+        if rid == nan_id:
+            maps[0, 3, 4] = np.nan
+        (other if rid == shape_id else writer).add(rid, [w.text for w in ws], [(w.start, w.end) for w in ws], maps)
+    writer.close()
+    other.close()
+    if dup:  # a different image under an id that already has maps
+        rows.append({**rows[0], "images": ["1.png"]})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root / "train.jsonl"), str(root / "attn")
+
+
+def _cfg(tiny_vlm, data: str, attn: str | None, out, **kw) -> tuple[TrainConfig, AlignmentConfig]:
+    base = dict(model=tiny_vlm("mllama"), data=data, attention=attn, output_dir=str(out), max_steps=2,
+                per_device_train_batch_size=2, save_steps=1000, seed=0, lambda_att=10.0, disable_tqdm=True,
+                use_cpu=True, report_to=[])
+    base.update(kw)
+    return TrainConfig(**base), AlignmentConfig(align_on="answer")
+
+
+def test_nan_map_is_skipped_and_counted_or_stops_strict(tiny_vlm, tmp_path) -> None:
+    data, attn = _data(tmp_path / "d", nan_id="r2")
+    trainer = build_trainer(*_cfg(tiny_vlm, data, attn, tmp_path / "run"))
+    assert [r.id for r in trainer.train_dataset.records] == ["r0", "r1", "r3"]
+    assert [e.record_id for e in trainer.train_dataset.errors] == ["r2"]
+    assert "non-finite" in str(trainer.train_dataset.errors[0])
+    with pytest.raises(RecordError, match="r2.*non-finite|non-finite.*r2"):
+        build_trainer(*_cfg(tiny_vlm, data, attn, tmp_path / "run2", strict=True))
+
+
+def test_training_with_a_nan_map_in_the_data_keeps_every_weight_finite(tiny_vlm, tmp_path) -> None:
+    data, attn = _data(tmp_path / "d", nan_id="r0")
+    trainer = run_training(*_cfg(tiny_vlm, data, attn, tmp_path / "run"), quiet=True)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    rows = [json.loads(ln) for ln in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_misshapen_maps_are_refused(tiny_vlm, tmp_path) -> None:
+    data, attn = _data(tmp_path / "d", shape_id="r1")
+    trainer = build_trainer(*_cfg(tiny_vlm, data, attn, tmp_path / "run"))
+    assert [e.record_id for e in trainer.train_dataset.errors] == ["r1"]
+    assert "(words, 32, 32)" in str(trainer.train_dataset.errors[0])
+
+
+def test_repeated_id_never_trains_on_another_records_maps(tiny_vlm, tmp_path) -> None:
+    data, attn = _data(tmp_path / "d", dup=True)
+    trainer = build_trainer(*_cfg(tiny_vlm, data, attn, tmp_path / "run"))
+    assert [r.id for r in trainer.train_dataset.records] == ["r0", "r1", "r2", "r3"]
+    assert [(e.record_id, e.index) for e in trainer.train_dataset.errors] == [("r0", 4)]
+    # without an attention dataset a repeated id is harmless: kept
+    plain = build_trainer(*_cfg(tiny_vlm, data, None, tmp_path / "run2", lambda_att=0.0))
+    assert len(plain.train_dataset) == 5
+
+
+def test_attention_dataset_matching_no_record_is_an_error(tiny_vlm, tmp_path) -> None:
+    data, attn = _data(tmp_path / "d", ids_offset=10)  # records r10..r13, maps for r0..r3
+    with pytest.raises(LavenderError, match="none of the 4 records"):
+        build_trainer(*_cfg(tiny_vlm, data, attn, tmp_path / "run"))
+
+
+def test_non_finite_loss_stops_before_the_update_naming_step_and_records(tiny_vlm, tmp_path) -> None:
+    data, attn = _data(tmp_path / "d")
+    trainer = build_trainer(*_cfg(tiny_vlm, data, attn, tmp_path / "run"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    batch["lavender"].targets[:] = float("nan")  # poison that got past every check
+    with pytest.raises(LavenderError, match=r"step 1 \(records r0, r1\)"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_decompression_bomb_is_a_clear_value_error(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64×64 > 2× the limit: Pillow's bomb error
+    with pytest.raises(ValueError, match="decompression-bomb"):
+        load_image(path)
+
+
+def test_resume_skips_a_checkpoint_cut_off_mid_save_and_a_torn_metrics_line(tiny_vlm, tmp_path) -> None:
+    data, attn = _data(tmp_path / "d")
+    out = tmp_path / "run"
+    run_training(*_cfg(tiny_vlm, data, attn, out, max_steps=2, save_steps=1), quiet=True)
+    # a kill during the save of step 3: weights written, trainer_state.json never
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
+    os.remove(out / "checkpoint-3" / "trainer_state.json")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # torn
+    assert last_checkpoint(str(out)).endswith("checkpoint-2")
+    run_training(*_cfg(tiny_vlm, data, attn, out, max_steps=4, save_steps=1, resume=True), quiet=True)
+    steps = [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_of_a_finished_run_trains_no_further_step(tiny_vlm, tmp_path) -> None:
+    data, attn = _data(tmp_path / "d")
+    out = tmp_path / "run"
+    run_training(*_cfg(tiny_vlm, data, attn, out, max_steps=2, save_steps=1), quiet=True)
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    for _ in range(2):
+        run_training(*_cfg(tiny_vlm, data, attn, out, max_steps=2, save_steps=1, resume=True), quiet=True)
+    assert [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl")] == [1, 2]
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+    assert not (out / "checkpoint-3").exists()
