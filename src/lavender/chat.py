@@ -120,6 +120,40 @@ def _text_parts(content: str) -> list[tuple[int, str]]:
     return out
 
 
+_SENTINEL = "LAVENDERSENTINEL{}Q"  # letters and a digit: no template trims, escapes or splits it
+
+
+def _place_parts(processor: Any, messages: Sequence[dict[str, Any]], i: int, parts: list[tuple[int, str]],
+                 text: str, seg_start: int) -> list[int | None]:
+    """Where each text part of message ``i`` starts in ``text``, found by rendering sentinels in its place.
+
+    Searching for the part's own text from the start of the turn would find it inside the role
+    header (the answer "A" in ``ASSISTANT:``, "user" in ``<|user|>``) or a default system prompt.
+    A sentinel cannot occur there, so its rendered position is the content's, whatever the markup.
+    ``None`` for a part whose sentinel the template did not reproduce verbatim.
+    """
+    content = messages[i]["content"]
+    pieces, last, sentinels = [], 0, []
+    for k, (start, part) in enumerate(parts):
+        sentinels.append(_SENTINEL.format(k))
+        pieces += [content[last:start], sentinels[-1]]
+        last = start + len(part)
+    pieces.append(content[last:])
+    probe = render(processor, [*messages[:i], {**messages[i], "content": "".join(pieces)}])
+    out: list[int | None] = []
+    shift, cursor = 0, seg_start
+    for (_, part), sentinel in zip(parts, sentinels):
+        p = probe.find(sentinel, cursor)
+        at = p + shift if p >= 0 else None
+        if at is None or text[at: at + len(part)] != part:
+            out.append(None)
+        else:
+            out.append(at)
+            cursor = p + len(sentinel)
+        shift += len(part) - len(sentinel)
+    return out
+
+
 def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
     """Render ``messages`` and locate every message's words and every assistant turn in it.
 
@@ -136,9 +170,13 @@ def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
             raise ValueError("the chat template is not prefix-stable; labels cannot be located")
         content = m["content"] if isinstance(m["content"], str) else " ".join(
             c.get("text", "") for c in m["content"] if c.get("type") == "text")
+        parts = _text_parts(content)
+        placed = _place_parts(processor, messages, i, parts, text, seg_start) if isinstance(m["content"], str) \
+            else [None] * len(parts)
         cursor = seg_start
-        for part_start, part in _text_parts(content):
-            at = text.find(part, cursor, seg_end)
+        for (part_start, part), at in zip(parts, placed):
+            if at is None:  # structured content, or the template rewrote the text: search after the cursor
+                at = text.find(part, cursor, seg_end)
             if at < 0:
                 continue  # the template rewrote this text (e.g. trimmed); no words taken from it
             regions.append(Region(m["role"], at, at + len(part), i, part_start))
@@ -164,8 +202,10 @@ def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
 
 def label_positions(lay: Layout) -> list[int]:
     """Processed positions of the tokens trained on (assistant turns only)."""
+    # a token that starts inside a turn, or overlaps it: real tokenizers put the space before the
+    # first word in that word's token ('▁Red'), which can start one character before the turn's text
     toks = [j for j, (s, e) in enumerate(lay.offsets)
-            if any(a <= s < b for a, b in lay.label_spans)]
+            if any(a <= s < b or (s < b and e > a) for a, b in lay.label_spans)]
     return lay.tail_positions(toks)
 
 

@@ -203,13 +203,19 @@ def manifest_frame(manifest: dict) -> str:
 def _word_offsets(lay: Layout, off: int, length: int) -> list[tuple[int, int]]:
     """Per processed position, the character span of its token if it can be part of a word, else (0, 0).
 
-    Only tokens after the last image placeholder, inside a message's own text and not special keep a
-    span, so template markup (role headers, end-of-turn markers) never becomes a word.
+    Only tokens after the last image placeholder that overlap a message's own text and are not
+    special keep a span — clipped to that text — so template markup (role headers, end-of-turn
+    markers) never becomes a word, while a token that carries the space before a word (``' Red'``,
+    ``'▁Red'``: real tokenizers' offsets include it) still belongs to the word.
     """
     out = [(0, 0)] * length
     for j in range(lay.first_tail_token, len(lay.token_ids)):
         s, e = lay.offsets[j]
-        if lay.special[j] or not any(r.start <= s and e <= r.end for r in lay.regions):
+        if lay.special[j]:
             continue
-        out[off + j + lay.shift] = (s, e)
+        for r in lay.regions:
+            lo, hi = max(s, r.start), min(e, r.end)
+            if lo < hi:
+                out[off + j + lay.shift] = (lo, hi)
+                break
     return out
