@@ -480,7 +480,7 @@ class DemoConfig(Checked):
     n_train: int = opt(300, "fine-tuning records (quick: 64)")
     n_test: int = opt(300, "records of each test split, iid and shift (quick: 64)")
     n_analysis: int = opt(40, "shift-val records for the attention analysis and figures (quick: 16)")
-    steps: int = opt(300, "fine-tuning steps of every arm (quick: 20)")
+    steps: int = opt(600, "fine-tuning steps of every arm (AR's recipe, chosen on iid-val; quick: 20)")
     batch_size: int = opt(16, "fine-tuning batch size")
     learning_rate: float = opt(1e-3, "fine-tuning learning rate (full fine-tuning)")
     ratio: float = opt(1.0, "‖λ∇L_att‖/‖∇L_VLM‖ that λ is calibrated to, the same for every attention arm")
