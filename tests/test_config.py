@@ -113,10 +113,12 @@ def test_every_choice_field_is_a_literal_with_a_help_text() -> None:
 
 
 def test_demo_quick_keeps_explicit_values() -> None:
-    assert DemoConfig(quick=True).steps == 40
+    assert DemoConfig(quick=True).steps == 20
     assert DemoConfig(quick=True, steps=60).steps == 60
-    with pytest.raises(UsageError, match="--lambda"):
-        DemoConfig(lambda_att=-1)
+    with pytest.raises(UsageError, match="--ratio"):
+        DemoConfig(ratio=-1)
+    with pytest.raises(UsageError, match=r"--p 1\.5"):
+        DemoConfig(p=1.5)
 
 
 def test_config_from_file_is_the_parser(tmp_path) -> None:
