@@ -93,6 +93,11 @@ def main() -> None:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--ratio", type=float, default=1.0, help="‖λ∇L_att‖/‖∇L_VLM‖ of every attention arm")
     ap.add_argument("--recipe", default=None, help="steps,lr: skip the AR grid (e.g. 300,1e-3)")
+    ap.add_argument("--att-loss", default="mse", choices=["mse", "kl", "mass"],
+                    help="the one attention loss of every attention arm")
+    ap.add_argument("--name", default="", help="prefix of the run folders (variants beside the main runs)")
+    ap.add_argument("--publish", default=None,
+                    help="write the FIRST size's summary here in the demo's results.json contract (+ size, p)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -110,15 +115,16 @@ def main() -> None:
             run_extract(stage1_config(dm, paths[split], attn[split], progress=False))
     oracle = write_mask_attention(paths["train"], out / "attn_oracle")
 
-    premise_file = out / f"premise_{a.arch}.json"
-    if not premise_file.exists():
-        log("premise: DM teacher vs pre-trained VLM on iid-val")
-        premise_file.write_text(json.dumps(clean(attention_on_objects(vlm, paths["iid-val"], attn["iid-val"])),
-                                           indent=2))
-    premise = json.loads(premise_file.read_text())
-    log(f"premise: {premise}")
+    premise = {}
+    for split in ("iid-val", "shift-val"):
+        premise_file = out / f"premise_{a.arch}_{split}.json"
+        if not premise_file.exists():
+            log(f"premise: DM teacher vs pre-trained VLM on {split}")
+            premise_file.write_text(json.dumps(clean(attention_on_objects(vlm, paths[split], attn[split])), indent=2))
+        premise[split] = json.loads(premise_file.read_text())
+        log(f"premise ({split}): {premise[split]}")
 
-    base = Recipe(ratio=a.ratio)
+    base = Recipe(ratio=a.ratio, att_loss=a.att_loss)
     if a.recipe:
         steps, lr = a.recipe.split(",")
         base.steps, base.learning_rate = int(steps), float(lr)
@@ -140,7 +146,7 @@ def main() -> None:
     summary: dict[str, Any] = {"p": a.p, "arch": a.arch, "seeds": a.seeds, "recipe": {
         "steps": base.steps, "learning_rate": base.learning_rate, "full": base.full, "ratio": base.ratio,
         "att_loss": base.att_loss, "aligner": base.aligner, "batch_size": base.batch_size},
-        "recipe_grid_iid_val": grid, "premise_iid_val": premise, "sizes": {}}
+        "recipe_grid_iid_val": grid, "premise": premise, "sizes": {}}
     for size in a.sizes:
         train = paths[f"train{size}"]
         results: dict[str, list[dict]] = {arm: [] for arm in a.arms}
@@ -150,7 +156,7 @@ def main() -> None:
             for arm in a.arms:
                 results[arm].append(run_arm(
                     arm, seed, vlm=vlm, train=train, attention=attention, evals=evals,
-                    out=out / a.arch / f"n{size}" / arm / f"seed{seed}", recipe=base,
+                    out=out / a.arch / f"{a.name}n{size}" / arm / f"seed{seed}", recipe=base,
                     probe=(paths["shift-val"], attn["shift-val"]), log=log))
         majority = {s: majority_accuracy(train, paths[s])[1] for s in ("iid", "shift")}
         s = summarise(results, ["iid", "shift"], majority, a.seeds) if "ar" in results else {}
@@ -160,9 +166,13 @@ def main() -> None:
         s["lambda"] = {arm: [r["lambda"] for r in rs] for arm, rs in results.items()}
         s["grad_ratio_last"] = {arm: [r.get("grad_ratio_last") for r in rs] for arm, rs in results.items()}
         summary["sizes"][str(size)] = s
-        (out / f"summary_{a.arch}.json").write_text(json.dumps(clean(summary), indent=2))
+        (out / f"summary_{a.arch}{a.name}.json").write_text(json.dumps(clean(summary), indent=2))
         log(f"size {size}: " + json.dumps(clean({k: s[k] for k in ("paired", "decoy_follow") if k in s})))
-    log(f"done: {out / f'summary_{a.arch}.json'}")
+        if a.publish and size == a.sizes[0]:
+            Path(a.publish).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.publish).write_text(json.dumps(clean({**s, "size": size, "p": a.p, "arch": a.arch,
+                                                         "recipe": summary["recipe"], "premise": premise}), indent=2))
+    log(f"done: {out / f'summary_{a.arch}{a.name}.json'}")
 
 
 if __name__ == "__main__":

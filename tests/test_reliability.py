@@ -141,3 +141,16 @@ def test_resume_of_a_finished_run_trains_no_further_step(tiny_vlm, tmp_path) -> 
     assert [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl")] == [1, 2]
     assert (out / "adapter_model.safetensors").read_bytes() == adapter
     assert not (out / "checkpoint-3").exists()
+
+
+def test_one_non_utf8_byte_costs_one_record_not_the_file(tmp_path) -> None:
+    from lavender.records import iter_records
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    good = json.dumps({"id": "ok", "images": ["a.png"], "messages": [
+        {"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}]}).encode()
+    (tmp_path / "r.jsonl").write_bytes(good + b"\n" + good.replace(b'"ok"', b'"b\xff"') + b"\n"
+                                       + good.replace(b'"ok"', b'"ok2"') + b"\n")
+    out = list(iter_records(tmp_path / "r.jsonl"))
+    assert [getattr(r, "id", None) for r in out] == ["ok", None, "ok2"]
+    assert isinstance(out[1], RecordError) and "line 2" in str(out[1]) and "UTF-8" in str(out[1])

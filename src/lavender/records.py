@@ -219,9 +219,16 @@ def iter_records(source: Any, images_root: str | Path | None = None) -> Iterator
         if not path.is_file():
             raise FileNotFoundError(f"records file {str(path)!r} not found")
         name = path.name
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # decoded per line: one bad byte costs one record, not the file
             index = 0
-            for line in f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield RecordError(index, None, f"line {lineno} of {name} is not UTF-8 (byte {e.start}); "
+                                                   "re-encode the file as UTF-8")
+                    index += 1
+                    continue
                 if not line.strip():
                     continue
                 try:
