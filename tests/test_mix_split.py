@@ -117,3 +117,11 @@ def test_cli_mix(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["written"] == 2
     assert cli(["data", "mix", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "m.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_mix_refuses_to_overwrite_its_own_input(tmp_path) -> None:
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"id": str(i), "caption": "x", "images": []}) + "\n" for i in range(9)))
+    before = src.read_text()
+    assert cli(["data", "mix", f"{src}:0.5", "--out", str(src)]) == 2
+    assert src.read_text() == before

@@ -143,6 +143,10 @@ def mix(sources: list[tuple[str | Path, float]], out: str | Path, seed: int = 0,
     if total is not None and total < 0:
         raise UsageError(f"--total must be >= 0, got {total}")
     out = Path(out)
+    for p, _ in sources:
+        if out.exists() and Path(p).exists() and out.resolve() == Path(p).resolve():
+            raise UsageError(f"--out {out} is also a source: the mixture would overwrite its own input; "
+                             "write it to another file")
     rng = random.Random(seed)
     loaded = [(Path(p), read_jsonl(p)) for p, _ in sources]
     quotas = _quotas([len(rows) for _, rows in loaded], [r for _, r in sources], total)
