@@ -168,6 +168,10 @@ def main() -> None:
         summary["sizes"][str(size)] = s
         (out / f"summary_{a.arch}{a.name}.json").write_text(json.dumps(clean(summary), indent=2))
         log(f"size {size}: " + json.dumps(clean({k: s[k] for k in ("paired", "decoy_follow") if k in s})))
+        if "paired" in s:
+            from lavender.analysis import plot_paired_differences
+
+            plot_paired_differences(str(out / f"paired_{a.arch}{a.name}_n{size}.png"), s["paired"])
         if a.publish and size == a.sizes[0]:
             Path(a.publish).parent.mkdir(parents=True, exist_ok=True)
             Path(a.publish).write_text(json.dumps(clean({**s, "size": size, "p": a.p, "arch": a.arch,
