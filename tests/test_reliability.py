@@ -154,3 +154,15 @@ def test_one_non_utf8_byte_costs_one_record_not_the_file(tmp_path) -> None:
     out = list(iter_records(tmp_path / "r.jsonl"))
     assert [getattr(r, "id", None) for r in out] == ["ok", None, "ok2"]
     assert isinstance(out[1], RecordError) and "line 2" in str(out[1]) and "UTF-8" in str(out[1])
+
+
+def test_exif_orientation_is_applied(tmp_path) -> None:
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # blue on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    img.save(tmp_path / "p.jpg", exif=exif.tobytes(), quality=95)
+    got = load_image(tmp_path / "p.jpg")
+    assert got.size == (20, 40)
+    top = np.asarray(got)[:8].reshape(-1, 3).mean(0)
+    assert top[2] > 200 and top[0] < 60  # the blue strip is now on top

@@ -285,6 +285,12 @@ def load_image(path: str | Path):
                          "if you trust the file") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"image {str(path)!r} is unreadable or corrupt ({e})") from e
+    try:  # the orientation a viewer shows (phone photos store it in EXIF): both stages see the same image
+        from PIL import ImageOps
+
+        img = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError):  # a malformed EXIF block: keep the stored orientation
+        pass
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise ValueError(f"image {str(path)!r} is {w}×{h} px; images need at least {MIN_SIDE} px per side")
