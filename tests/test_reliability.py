@@ -166,3 +166,13 @@ def test_exif_orientation_is_applied(tmp_path) -> None:
     assert got.size == (20, 40)
     top = np.asarray(got)[:8].reshape(-1, 3).mean(0)
     assert top[2] > 200 and top[0] < 60  # the blue strip is now on top
+
+
+def test_inspect_reports_an_id_stored_twice(tmp_path) -> None:
+    from lavender.commands.inspect import inspect_store
+
+    for rank in (0, 1):  # two runs (or ranks) that both stored example "x"
+        with AttentionWriter(tmp_path / "attn", {"map_size": 8, "frame": "squash"}, rank=rank) as w:
+            w.add("x", ["a"], [(0, 1)], np.full((1, 8, 8), 0.5, dtype=np.float32))
+    report = inspect_store(str(tmp_path / "attn"))
+    assert any("stored twice" in p for p in report["problems"]), report["problems"]
