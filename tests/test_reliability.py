@@ -176,3 +176,47 @@ def test_inspect_reports_an_id_stored_twice(tmp_path) -> None:
             w.add("x", ["a"], [(0, 1)], np.full((1, 8, 8), 0.5, dtype=np.float32))
     report = inspect_store(str(tmp_path / "attn"))
     assert any("stored twice" in p for p in report["problems"]), report["problems"]
+
+
+def test_a_second_job_on_one_folder_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lavender.locks import hold_folder
+
+    folder = tmp_path / "out"
+    with hold_folder(folder, 0):
+        with pytest.raises(LavenderError, match="in use by another"):
+            with hold_folder(folder, 0):
+                pass
+        with hold_folder(folder, 1):  # another rank of the same launch
+            pass
+    code = ("import sys, time; from lavender.locks import hold_folder\n"
+            f"with hold_folder({str(folder)!r}, 0):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(LavenderError, match=f"pid {holder.pid}"):
+        with hold_folder(folder, 0):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    time.sleep(0.1)
+    with hold_folder(folder, 0):  # the kernel released the dead holder's lock
+        pass
+
+
+def test_extract_refuses_a_folder_another_extraction_holds(tmp_path, capsys) -> None:
+    from _stage1_fixtures import TEST_RESOLUTIONS, tiny_dm_path, write_images_and_records
+
+    from lavender.cli import main as cli
+    from lavender.locks import hold_folder
+
+    data = write_images_and_records(tmp_path / "d", 2)
+    args = ["extract", "--dm", tiny_dm_path(), "--data", str(data), "--out", str(tmp_path / "attn"),
+            "--steps", "2", "--inversion-steps", "1", "--map-size", "16", "--no-progress", *TEST_RESOLUTIONS]
+    with hold_folder(tmp_path / "attn", 0):
+        assert cli(args) == 1
+    assert "in use by another extraction" in capsys.readouterr().err
+    assert cli(args) == 0  # released: the same command now runs

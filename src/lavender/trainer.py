@@ -452,8 +452,16 @@ def run_training(args: Any, alignment: AlignmentConfig | None = None, quiet: boo
     import logging
 
     log = logging.getLogger("lavender.train")
+    from lavender.locks import hold_folder
+
     alignment = alignment or AlignmentConfig()
     warn_ignored_alignment(args, alignment)
+    with hold_folder(args.output_dir, args.process_index, "training run"):
+        return _run_training(args, alignment, quiet, log)
+
+
+def _run_training(args: Any, alignment: AlignmentConfig, quiet: bool, log: Any) -> LavenderTrainer:
+    """:func:`run_training` while this process holds the run folder."""
     trainer = build_trainer(args, alignment)
     if quiet:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -207,8 +208,6 @@ def run_extract(cfg: ExtractConfig, progress: bool | None = None) -> dict:
     """
     progress = cfg.progress if progress is None else progress
     from accelerate import PartialState
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     # accelerate only treats a multi-process launch without an accelerator as MULTI_CPU (gloo) when told cpu=True
     on_cpu = (cfg.device or "").startswith("cpu") or not torch.accelerator.is_available()
@@ -236,6 +235,18 @@ def run_extract(cfg: ExtractConfig, progress: bool | None = None) -> dict:
                 mine_ok.append(r)
     if cfg.strict and bad:
         raise RecordError(*bad[0])
+
+    from lavender.locks import hold_folder
+
+    with hold_folder(cfg.out, rank, "extraction"):
+        return _extract(cfg, state, rank, world, device, mine_ok, bad, progress)
+
+
+def _extract(cfg: ExtractConfig, state: Any, rank: int, world: int, device: str, mine_ok: list[Record],
+             bad: list[tuple[int, str | None, str]], progress: bool) -> dict:
+    """The extraction loop of :func:`run_extract`, run while this process holds the output folder."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
 
     ext = Extractor(cfg, device)
     writer = AttentionWriter(cfg.out, ext.manifest(), rank=rank, shard_size=cfg.shard_size)

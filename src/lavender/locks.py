@@ -1,0 +1,39 @@
+"""One job per output folder: an advisory lock per process rank that the kernel drops when its holder dies.
+
+Two extractions (or trainings) writing one folder lose and duplicate records without a word. Each
+process of a job holds ``FOLDER/.lavender-lock-rank<R>`` with ``flock``: the ranks of one launch hold
+different files, a second job's rank 0 finds rank 0 taken and stops with a clear message, and a job
+that was killed (even with SIGKILL) leaves no stale lock behind — the kernel releases it. The lock
+is advisory and local: it does not protect folders on network file systems without ``flock``
+support (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from lavender.config import LavenderError
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike, rank: int = 0, what: str = "job") -> Iterator[None]:
+    """Hold ``folder`` for this process's ``rank`` for the duration of the block, or raise."""
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f".lavender-lock-rank{rank}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise LavenderError(f"{folder} is in use by another {what} (pid {holder}); wait for it to finish, "
+                                "or write to another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
