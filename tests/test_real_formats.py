@@ -72,3 +72,26 @@ def test_a_one_letter_answer_is_found_after_the_role_header_not_inside_it(proces
     assert lay.text[answer.start:answer.end] == "A"
     assert answer.start > lay.text.index("ASSISTANT:") + len("ASSISTANT")
     assert words == ["A"]
+
+
+NO_EOS = (  # LLaVA-1.5's released format: a turn ends with a space, no end-of-turn marker
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def test_a_template_without_end_of_turn_still_trains_eos_and_never_the_next_turn(processor) -> None:
+    processor.chat_template, saved = NO_EOS, processor.chat_template
+    try:
+        lay = layout(processor, [{"role": "user", "content": "<image>What colour is it?"},
+                                 {"role": "assistant", "content": "Red."},
+                                 {"role": "user", "content": "Is it a circle?"},
+                                 {"role": "assistant", "content": "A"}])
+    finally:
+        processor.chat_template = saved
+    tok = processor.tokenizer
+    trained = [tok.convert_ids_to_tokens(lay.token_ids[j]) for j in sorted(label_positions(lay))]
+    assert trained.count(tok.eos_token) == 2, trained  # the model learns to stop after each answer
+    assert not any("USER" in t for t in trained), trained  # the next turn's header is never trained
+    assert "".join(trained).replace("▁", " ").strip() == f"Red.{tok.eos_token} A{tok.eos_token}"

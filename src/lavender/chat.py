@@ -154,6 +154,27 @@ def _place_parts(processor: Any, messages: Sequence[dict[str, Any]], i: int, par
     return out
 
 
+def template_ends_turns(processor: Any) -> bool:
+    """Whether the chat template writes an end-of-turn marker (the tokenizer's EOS or another special
+    token) after an assistant turn. LLaVA-1.5's released template does not: it ends a turn with a space."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "LAVENDERPROBE"}]
+    tail = render(processor, probe).split("LAVENDERPROBE", 1)[-1]
+    tok = processor.tokenizer
+    specials = {t for t in [tok.eos_token, *getattr(tok, "all_special_tokens", [])] if t and t != tok.pad_token}
+    return any(t in tail for t in specials)
+
+
+def with_end_of_turn(processor: Any, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with the tokenizer's EOS appended to each assistant turn when the template writes no
+    end-of-turn marker, so the model learns to stop (LLaVA-1.5 was trained with ``</s>`` after each
+    answer; its released template omits it). Unchanged for templates that end turns themselves."""
+    eos = getattr(processor.tokenizer, "eos_token", None)
+    if not eos or template_ends_turns(processor):
+        return list(messages)
+    return [{**m, "content": m["content"] + eos} if m["role"] == "assistant" and isinstance(m["content"], str)
+            else m for m in messages]
+
+
 def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
     """Render ``messages`` and locate every message's words and every assistant turn in it.
 
@@ -161,10 +182,12 @@ def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
     ``messages``), which holds for the chat templates of the supported families; a template that is
     not gets a clear error instead of silently shifted labels.
     """
+    original = messages
+    messages = with_end_of_turn(processor, messages)
     text = render(processor, messages)
     regions: list[Region] = []
     label_spans: list[tuple[int, int]] = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(original):
         seg_start, seg_end = _rendered_len(processor, messages[:i]), _rendered_len(processor, messages[: i + 1])
         if text[:seg_end] != render(processor, messages[: i + 1]):
             raise ValueError("the chat template is not prefix-stable; labels cannot be located")
@@ -182,7 +205,12 @@ def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
             regions.append(Region(m["role"], at, at + len(part), i, part_start))
             cursor = at + len(part)
         if m["role"] == "assistant":
-            label_spans.append((_rendered_len(processor, messages[:i], gen=True), seg_end))
+            # the turn as trained: its text and end-of-turn marker, not the whitespace that separates
+            # it from the next turn (a '▁USER' token starts on that space: it belongs to the next turn)
+            end = seg_end
+            while end > seg_start and text[end - 1].isspace():
+                end -= 1
+            label_spans.append((_rendered_len(processor, messages[:i], gen=True), end))
 
     tok = processor.tokenizer
     enc = tok(text, return_offsets_mapping=True, add_special_tokens=adds_special_tokens(tok, text))
