@@ -143,7 +143,7 @@ def shape_mask(shape: str, x0: int, y0: int, side: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; the world's shapes are {SHAPES}")
 
 
-def _place(rng: np.random.Generator, sides: list[int]) -> list[tuple[int, int]]:
+def place_objects(rng: np.random.Generator, sides: list[int]) -> list[tuple[int, int]]:
     """Top-left corners for boxes of the given sides, no two closer than ``GAP`` pixels.
 
     Rejection sampling (64 candidates per object at once, largest object first); if a layout gets
@@ -208,15 +208,15 @@ def make_scene(rng: np.random.Generator, split: str = "train", objects: tuple[in
     sides = [int(rng.integers(SIZE_RANGES[s][0], SIZE_RANGES[s][1] + 1)) for s in sizes]
     order = np.argsort([-s for s in sides], kind="stable")  # place the largest first
     corners = [None] * n
-    for i, xy in zip(order, _place(rng, [sides[i] for i in order])):
+    for i, xy in zip(order, place_objects(rng, [sides[i] for i in order])):
         corners[i] = xy
     objs = [SceneObject(c, s, size, x, y, side)
             for (c, s), size, side, (x, y) in zip(pairs, sizes, sides, corners)]
     objs.sort(key=lambda o: (o.centre[0], o.centre[1]))  # caption order: left to right
-    return _render(tuple(objs))
+    return render_scene(tuple(objs))
 
 
-def _render(objs: tuple[SceneObject, ...]) -> Scene:
+def render_scene(objs: tuple[SceneObject, ...]) -> Scene:
     masks = np.stack([shape_mask(o.shape, o.x0, o.y0, o.side) for o in objs])  # (n, H, W)
     image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
     image[:] = BACKGROUND

@@ -35,10 +35,10 @@ from lavender.world.scenes import (
     SIZE_RANGES,
     Scene,
     SceneObject,
-    _place,
-    _render,
+    place_objects,
+    render_scene,
 )
-from lavender.world.write import _progress, _save_example, _write_jsonl
+from lavender.world.write import save_example, scene_progress, write_scene_jsonl
 
 # split -> (decoy shares the answer attribute with probability p?, referent is a held-out pair?)
 V2_SPLITS: dict[str, tuple[bool, bool]] = {
@@ -121,12 +121,12 @@ def v2_example(seed: int, split: str, index: int, p: float) -> tuple[Scene, dict
     sides = [int(rng.integers(SIZE_RANGES[sz][0], SIZE_RANGES[sz][1] + 1)) for _, _, sz in specs]
     order = np.argsort([-s for s in sides], kind="stable")
     corners: list = [None] * len(specs)
-    for i, xy in zip(order, _place(rng, [sides[i] for i in order])):
+    for i, xy in zip(order, place_objects(rng, [sides[i] for i in order])):
         corners[i] = xy
     objs = [SceneObject(c, s, sz, x, y, side) for (c, s, sz), side, (x, y) in zip(specs, sides, corners)]
     tagged = sorted(enumerate(objs), key=lambda t: (t[1].centre[0], t[1].centre[1]))  # caption order
     where = {orig: k for k, (orig, _) in enumerate(tagged)}
-    scene = _render(tuple(o for _, o in tagged))
+    scene = render_scene(tuple(o for _, o in tagged))
     r, d = scene.objects[where[ref]], scene.objects[where[dec]]
     template = int(rng.integers(len(V2_TEMPLATES[kind])))
     if kind == "colour":
@@ -159,10 +159,10 @@ def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0
     (root / "masks").mkdir(exist_ok=True)
 
     def rows():
-        for i in _progress(range(n), n, f"world v2 {split}"):
+        for i in scene_progress(range(n), n, f"world v2 {split}"):
             scene, f = v2_example(seed, split, i, p)
             ex_id = f"v2{split}_{i:06d}"
-            img, masks = _save_example(root, ex_id, scene)
+            img, masks = save_example(root, ex_id, scene)
             yield {"id": ex_id, "images": [img],
                    "messages": [{"role": "user", "content": "<image>" + f["question"]},
                                 {"role": "assistant", "content": f["answer"]}],
@@ -171,5 +171,5 @@ def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0
                    "template": f["template"], "referent": f["referent"], "decoy": f["decoy"],
                    "decoy_shares": f["decoy_shares"], "align_pairs": f["align_pairs"], "p": p}
 
-    return _write_jsonl(root / f"{split}.jsonl", rows())
+    return write_scene_jsonl(root / f"{split}.jsonl", rows())
 

@@ -55,7 +55,7 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; choose one of {tuple(SPLITS)}")
 
 
-def _save_example(root: Path, ex_id: str, scene: Scene) -> tuple[str, str]:
+def save_example(root: Path, ex_id: str, scene: Scene) -> tuple[str, str]:
     img_rel, mask_rel = f"images/{ex_id}.png", f"masks/{ex_id}.npz"
     Image.fromarray(scene.image, mode="RGB").save(root / img_rel, compress_level=1)
     wm = scene.word_masks
@@ -65,7 +65,7 @@ def _save_example(root: Path, ex_id: str, scene: Scene) -> tuple[str, str]:
     return img_rel, mask_rel
 
 
-def _write_jsonl(path: Path, rows) -> Path:
+def write_scene_jsonl(path: Path, rows) -> Path:
     """Write rows atomically: a crash never leaves a half-written records file behind."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
@@ -75,7 +75,7 @@ def _write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def _progress(it, n: int, desc: str):
+def scene_progress(it, n: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(it, total=n, desc=desc, disable=None, mininterval=1.0)  # None: silent off a TTY
@@ -89,10 +89,10 @@ def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0) -
     (root / "masks").mkdir(exist_ok=True)
 
     def rows():
-        for i in _progress(range(n), n, f"world {split}"):
+        for i in scene_progress(range(n), n, f"world {split}"):
             scene, q = vqa_example(seed, split, i)
             ex_id = f"{split}_{i:06d}"
-            img, masks = _save_example(root, ex_id, scene)
+            img, masks = save_example(root, ex_id, scene)
             yield {"id": ex_id, "images": [img],
                    "messages": [{"role": "user", "content": "<image>" + q.text},
                                 {"role": "assistant", "content": q.answer}],
@@ -100,7 +100,7 @@ def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0) -
                    "masks": masks, "objects": [o.to_dict() for o in scene.objects],
                    "template": q.template}
 
-    return _write_jsonl(root / f"{split}.jsonl", rows())
+    return write_scene_jsonl(root / f"{split}.jsonl", rows())
 
 
 def write_captions(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0) -> Path:
@@ -111,14 +111,14 @@ def write_captions(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0
     (root / "masks").mkdir(exist_ok=True)
 
     def rows():
-        for i in _progress(range(n), n, f"world {split} captions"):
+        for i in scene_progress(range(n), n, f"world {split} captions"):
             scene = make_scene(record_rng(seed, split, "captions", i), split)
             ex_id = f"{split}_cap_{i:06d}"
-            img, masks = _save_example(root, ex_id, scene)
+            img, masks = save_example(root, ex_id, scene)
             yield {"id": ex_id, "image": img, "caption": scene.caption, "masks": masks,
                    "objects": [o.to_dict() for o in scene.objects]}
 
-    return _write_jsonl(root / f"{split}_captions.jsonl", rows())
+    return write_scene_jsonl(root / f"{split}_captions.jsonl", rows())
 
 
 def _mask_path(record_or_path: Mapping | str | os.PathLike, root: str | os.PathLike | None) -> Path:
