@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import torch
 
 from lavender.diffusion.extract import run_extract
 from lavender.world.arms import ARMS, Recipe, attention_on_objects, run_arm, summarise, write_mask_attention
-from lavender.world.demo import majority_accuracy, stage1_config, world_checkpoint
+from lavender.world.demo import majority_accuracy, stage1_config, strict_json, world_checkpoint
 from lavender.world.v2 import write_v2_split
 
 GRID = [(150, 1e-3), (300, 1e-3), (300, 2e-3), (300, 3e-3), (600, 1e-3), (600, 2e-3)]  # (steps, lr) for AR, on iid-val
@@ -44,17 +43,6 @@ GRID = [(150, 1e-3), (300, 1e-3), (300, 2e-3), (300, 3e-3), (600, 1e-3), (600, 2
 
 def log(msg: str) -> None:
     print(f"[world_v2 {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def clean(x: Any) -> Any:
-    """JSON without NaN/inf (strict parsers reject them): those become null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean(v) for v in x]
-    return x
 
 
 def prefix(path: Path, n: int, name: str) -> Path:
@@ -153,7 +141,7 @@ def main() -> None:
         premise_file = out / f"premise_{a.arch}_{split}.json"
         if not premise_file.exists():
             log(f"premise: DM teacher vs pre-trained VLM on {split}")
-            premise_file.write_text(json.dumps(clean(attention_on_objects(vlm, paths[split], attn[split])), indent=2))
+            premise_file.write_text(json.dumps(strict_json(attention_on_objects(vlm, paths[split], attn[split])), indent=2))
         premise[split] = json.loads(premise_file.read_text())
         log(f"premise ({split}): {premise[split]}")
 
@@ -199,16 +187,16 @@ def main() -> None:
         s["lambda"] = {arm: [r["lambda"] for r in rs] for arm, rs in results.items()}
         s["grad_ratio_last"] = {arm: [r.get("grad_ratio_last") for r in rs] for arm, rs in results.items()}
         summary["sizes"][str(size)] = s
-        (out / f"summary_{a.arch}{a.name}.json").write_text(json.dumps(clean(summary), indent=2))
-        log(f"size {size}: " + json.dumps(clean({k: s[k] for k in ("paired", "decoy_follow") if k in s})))
-        (out / f"report_{a.arch}{a.name}.md").write_text(markdown(clean(summary)))
+        (out / f"summary_{a.arch}{a.name}.json").write_text(json.dumps(strict_json(summary), indent=2))
+        log(f"size {size}: " + json.dumps(strict_json({k: s[k] for k in ("paired", "decoy_follow") if k in s})))
+        (out / f"report_{a.arch}{a.name}.md").write_text(markdown(strict_json(summary)))
         if "paired" in s:
             from lavender.analysis import plot_paired_differences
 
             plot_paired_differences(str(out / f"paired_{a.arch}{a.name}_n{size}.png"), s["paired"])
         if a.publish and size == a.sizes[0]:
             Path(a.publish).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.publish).write_text(json.dumps(clean({**s, "size": size, "p": a.p, "arch": a.arch,
+            Path(a.publish).write_text(json.dumps(strict_json({**s, "size": size, "p": a.p, "arch": a.arch,
                                                          "recipe": summary["recipe"], "premise": premise}), indent=2))
     log(f"done: {out / f'summary_{a.arch}{a.name}.json'}")
 

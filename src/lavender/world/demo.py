@@ -177,7 +177,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["total_s"] = time.time() - t0
     summary["timings"] = timings
     summary["config"] = {**asdict(cfg), "dm": dm, "vlm": vlm}
-    summary = _clean(summary)
+    summary = strict_json(summary)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     text = report(summary, figures)
     (out / "report.md").write_text(text)
@@ -192,14 +192,14 @@ def _mean_dicts(rows: list[dict]) -> dict[str, float]:
     return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
-def _clean(x: Any) -> Any:
+def strict_json(x: Any) -> Any:
     """Strict JSON: NaN and infinities become null."""
     if isinstance(x, float):
         return x if np.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: strict_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [strict_json(v) for v in x]
     return x
 
 
