@@ -119,6 +119,9 @@ def main() -> None:
     ap.add_argument("--name", default="", help="prefix of the run folders (variants beside the main runs)")
     ap.add_argument("--publish", default=None,
                     help="write the FIRST size's summary here in the demo's results.json contract (+ size, p)")
+    ap.add_argument("--no-train", action="store_true",
+                    help="summarise the cached runs only: a seed missing any arm is left out, a size with "
+                         "fewer than 2 complete seeds is skipped")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -171,7 +174,12 @@ def main() -> None:
     for size in a.sizes:
         train = paths[f"train{size}"]
         results: dict[str, list[dict]] = {arm: [] for arm in a.arms}
-        for seed in a.seeds:
+        seeds = [seed for seed in a.seeds if not a.no_train or all(
+            (out / a.arch / f"{a.name}n{size}" / arm / f"seed{seed}" / "result.json").exists() for arm in a.arms)]
+        if len(seeds) < 2:
+            log(f"size {size}: fewer than 2 complete seeds cached; skipped")
+            continue
+        for seed in seeds:
             shuffled = write_mask_attention(paths["train"], out / f"attn_shuffled_s{seed}", shuffle_seed=1000 + seed)
             attention = {"lavender": attn["train"], "oracle": oracle, "shuffled": shuffled}
             for arm in a.arms:
@@ -180,7 +188,7 @@ def main() -> None:
                     out=out / a.arch / f"{a.name}n{size}" / arm / f"seed{seed}", recipe=base,
                     probe=(paths["shift-val"], attn["shift-val"]), log=log))
         majority = {s: majority_accuracy(train, paths[s])[1] for s in ("iid", "shift")}
-        s = summarise(results, ["iid", "shift"], majority, a.seeds) if "ar" in results else {}
+        s = summarise(results, ["iid", "shift"], majority, seeds) if "ar" in results else {}
         s["train_accuracy"] = {arm: sum(r["train"] for r in rs) / len(rs) for arm, rs in results.items()}
         s["attention_shift_val"] = {arm: {k: sum(r["attention"][k] for r in rs) / len(rs)
                                           for k in rs[0]["attention"]} for arm, rs in results.items()}
