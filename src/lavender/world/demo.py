@@ -146,7 +146,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["extract_s"] = time.time() - t
 
     t = time.time()
-    recipe = Recipe(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, ratio=cfg.ratio)
+    recipe = Recipe(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, ratio=cfg.ratio,
+                    att_loss=cfg.att_loss)
     probe = (paths["shift-val"], attn["shift-val"])
     premise = attention_on_objects(vlm, *probe, alignment=recipe.alignment)
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
