@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--recipe", default=None, help="steps,lr: skip the AR grid (e.g. 300,1e-3)")
     ap.add_argument("--att-loss", default="mse", choices=["mse", "kl", "mass"],
                     help="the one attention loss of every attention arm")
+    ap.add_argument("--aligner", default="identity", choices=["identity", "sim", "light", "deep", "mlp"],
+                    help="the Aligner of every attention arm (identity: nothing can absorb the loss)")
     ap.add_argument("--name", default="", help="prefix of the run folders (variants beside the main runs)")
     ap.add_argument("--publish", default=None,
                     help="write the FIRST size's summary here in the demo's results.json contract (+ size, p)")
@@ -148,7 +150,7 @@ def main() -> None:
         premise[split] = json.loads(premise_file.read_text())
         log(f"premise ({split}): {premise[split]}")
 
-    base = Recipe(ratio=a.ratio, att_loss=a.att_loss)
+    base = Recipe(ratio=a.ratio, att_loss=a.att_loss, aligner=a.aligner)
     if a.recipe:
         steps, lr = a.recipe.split(",")
         base.steps, base.learning_rate = int(steps), float(lr)
