@@ -485,7 +485,7 @@ class DemoConfig(Checked):
     batch_size: int = opt(16, "fine-tuning batch size")
     learning_rate: float = opt(1e-3, "fine-tuning learning rate (full fine-tuning)")
     ratio: float = opt(1.0, "‖λ∇L_att‖/‖∇L_VLM‖ that λ is calibrated to, the same for every attention arm")
-    att_loss: AttLoss = opt("mse", "the one attention loss of every attention arm (docs/world_v2.md)")
+    att_loss: AttLoss = opt("mass", "the one attention loss of every attention arm (mass: see docs/experiments.md)")
     threads: int = opt(2, "torch threads (fixed, so a seed gives the same numbers on any machine)")
 
     def __post_init__(self) -> None:
