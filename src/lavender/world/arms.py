@@ -190,7 +190,7 @@ def run_arm(arm: str, seed: int, *, vlm: str, train: Path, attention: dict[str, 
         save_steps=10 * recipe.steps, save_strategy="no", disable_tqdm=not progress, report_to=[],
         use_cpu=True, logging_steps=1)
     if not (run_dir / "README.md").exists():
-        run_training(train_cfg, recipe.alignment, quiet=not progress)
+        run_training(train_cfg, recipe.alignment if att else AlignmentConfig(), quiet=not progress)
     metrics = [json.loads(ln) for ln in open(run_dir / "metrics.jsonl")]
     model, processor, _ = load_vlm(str(run_dir))
     model.eval()
