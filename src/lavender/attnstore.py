@@ -176,16 +176,22 @@ def shard_paths(root: str | Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if SHARD_RE.match(p.name))
 
 
-def read_shard_indexes(root: str | Path) -> dict[str, tuple[Path, dict]]:
-    """id → (shard path, index entry) over all complete shards; the first shard wins on a duplicate."""
+def shard_entries(root: str | Path) -> Iterator[tuple[Path, dict]]:
+    """(shard path, index entry) for every example of every complete shard, duplicates included."""
     from safetensors import safe_open
 
-    out: dict[str, tuple[Path, dict]] = {}
     for p in shard_paths(root):
         with safe_open(str(p), framework="numpy") as f:
             index = json.loads(f.metadata()["index"])
         for entry in index:
-            out.setdefault(entry["id"], (p, entry))
+            yield p, entry
+
+
+def read_shard_indexes(root: str | Path) -> dict[str, tuple[Path, dict]]:
+    """id → (shard path, index entry) over all complete shards; the first shard wins on a duplicate."""
+    out: dict[str, tuple[Path, dict]] = {}
+    for p, entry in shard_entries(root):
+        out.setdefault(entry["id"], (p, entry))
     return out
 
 

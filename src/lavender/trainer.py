@@ -188,10 +188,10 @@ class LavenderTrainer(Trainer):
             self._step = {}
         loss = outputs.loss
         if not torch.isfinite(loss.detach()).all():  # before backward: the weights stay as they were
-            raise LavenderError(
-                f"the loss is not finite at step {self.state.global_step + 1} (records "
-                f"{', '.join(align.ids) if align is not None and align.ids else 'not tracked without --attention'}); check their attention maps "
-                "(`lavender inspect`) and images, or lower --learning_rate")
+            ids = ", ".join(align.ids) if align is not None and align.ids else "not tracked without --attention"
+            raise LavenderError(f"the loss is not finite at step {self.state.global_step + 1} (records {ids}); "
+                                "check their attention maps (`lavender inspect`) and images, or lower "
+                                "--learning_rate")
         loss_vlm, loss_att = parts if parts is not None else (loss.detach(), loss.new_zeros(()))
         self._record(loss_vlm=loss_vlm, loss_att=loss_att, lam=lam, align=align, diag=diag)
         return (loss, outputs) if return_outputs else loss
@@ -478,8 +478,9 @@ def _run_training(args: Any, alignment: AlignmentConfig, quiet: bool, log: Any) 
         return trainer
     if args.calibrate_lambda is not None:
         lam, base = calibrate_lambda(trainer, args.calibrate_lambda, args.calibration_batches)
-        (log.info if quiet else log.warning)("calibrated λ = %.4g: ‖∇L_att‖/‖∇L_VLM‖ = %.4g at λ = 1 over %d batches, target ratio %g",
-                    lam, base, args.calibration_batches, args.calibrate_lambda)
+        (log.info if quiet else log.warning)(
+            "calibrated λ = %.4g: ‖∇L_att‖/‖∇L_VLM‖ = %.4g at λ = 1 over %d batches, target ratio %g",
+            lam, base, args.calibration_batches, args.calibrate_lambda)
         if not quiet:
             print(f"lavender train: calibrated λ = {lam:.4g} (gradient ratio {base:.4g} at λ = 1; "
                   f"target {args.calibrate_lambda})")

@@ -19,7 +19,7 @@ def inspect_store(root: str) -> dict:
     """The report ``lavender inspect`` prints (integers for counts, a list for the map shape)."""
     import numpy as np
 
-    from lavender.attnstore import AttentionStore, shard_paths
+    from lavender.attnstore import AttentionStore, shard_entries, shard_paths
 
     store = AttentionStore(root)
     problems: list[str] = []
@@ -36,24 +36,17 @@ def inspect_store(root: str) -> dict:
         elif minmax and m.size and (m.min() < -1e-3 or m.max() > 1 + 1e-3):
             problems.append(f"example {id!r}: values outside [0, 1] although normalization is minmax")
     seen: dict[str, str] = {}
-    for p in shard_paths(root):  # the store keeps the first copy of an id; a second one is a problem
-        for id in _shard_ids(p):
-            if id in seen:
-                problems.append(f"example {id!r} is stored twice ({seen[id]} and {p.name}): two runs wrote "
-                                "this folder; re-extract into a fresh one")
-            else:
-                seen[id] = p.name
+    for p, entry in shard_entries(root):  # the store keeps the first copy of an id; a second is a problem
+        id = entry["id"]
+        if id in seen:
+            problems.append(f"example {id!r} is stored twice ({seen[id]} and {p.name}): two runs wrote "
+                            "this folder; re-extract into a fresh one")
+        else:
+            seen[id] = p.name
     errors = store.errors()
     return {"examples": len(store), "words": words, "errors": len(errors), "map_shape": store.map_shape(),
             "shards": len(shard_paths(root)), "problems": problems, "error_samples": errors,
             "manifest": store.manifest}
-
-
-def _shard_ids(path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return [e["id"] for e in json.loads(f.metadata()["index"])]
 
 
 def main(args: InspectConfig) -> int:
