@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
+from lavender.config import ExtractConfig, config_from_file
 from lavender.diffusion.extract import run_extract
 from lavender.world.arms import ARMS, Recipe, attention_on_objects, run_arm, summarise, write_mask_attention
 from lavender.world.demo import majority_accuracy, stage1_config, strict_json, world_checkpoint
-from lavender.world.v2 import write_v2_split
+from lavender.world.v2 import PAIRINGS, with_pairs, write_v2_split
 
 GRID = [(150, 1e-3), (300, 1e-3), (300, 2e-3), (300, 3e-3), (600, 1e-3), (600, 2e-3)]  # (steps, lr) for AR, on iid-val
 
@@ -66,6 +67,14 @@ def data(a: argparse.Namespace) -> dict[str, Path]:
     for n in a.sizes:
         paths[f"train{n}"] = prefix(paths["train"], n, f"train{n}.jsonl")
     paths["train_acc"] = prefix(paths["train"], 300, "train_acc.jsonl")  # training accuracy probe
+    if a.teacher != "word":  # the DM teacher's records: the same data, the answer paired with another span
+        src = paths["train"]
+        teach = src.parent / f"train_{a.teacher}.jsonl"
+        if not teach.exists():
+            rows = [json.dumps(with_pairs(json.loads(ln), a.teacher)) for ln in open(src)]
+            teach.write_text("\n".join(rows) + "\n")
+        for n in a.sizes:
+            paths[f"teacher{n}"] = prefix(teach, n, f"train{n}_{a.teacher}.jsonl")
     return paths
 
 
@@ -118,6 +127,10 @@ def main() -> None:
                     help="the one attention loss of every attention arm")
     ap.add_argument("--aligner", default="identity", choices=["identity", "sim", "light", "deep", "mlp"],
                     help="the Aligner of every attention arm (identity: nothing can absorb the loss)")
+    ap.add_argument("--teacher", default="word", choices=PAIRINGS,
+                    help="the Lavender arm's pairs: the referent's answer word (default) or its whole phrase")
+    ap.add_argument("--stage1", default=None,
+                    help="a Stage-1 YAML (ExtractConfig) for the DM teacher instead of the DM's stage1.yaml")
     ap.add_argument("--name", default="", help="prefix of the run folders (variants beside the main runs)")
     ap.add_argument("--publish", default=None,
                     help="write the FIRST size's summary here in the demo's results.json contract (+ size, p)")
@@ -135,18 +148,29 @@ def main() -> None:
 
     log("Stage 1 (world DM) on train, iid-val, shift-val")
     attn = {}
+    tag = f"_{Path(a.stage1).stem}" if a.stage1 else ""
     for split in ("train", "iid-val", "shift-val"):
-        attn[split] = out / f"attn_{split}"
+        attn[split] = out / f"attn_{split}{tag}"
         if not (attn[split] / "manifest.json").exists():
-            run_extract(stage1_config(dm, paths[split], attn[split], progress=False))
+            if a.stage1:
+                cfg = config_from_file(ExtractConfig, a.stage1, dm=dm, data=str(paths[split]), out=str(attn[split]),
+                                       batch_size=16, progress=False)
+            else:
+                cfg = stage1_config(dm, paths[split], attn[split], progress=False)
+            run_extract(cfg)
     oracle = write_mask_attention(paths["train"], out / "attn_oracle")
 
     premise = {}
     for split in ("iid-val", "shift-val"):
-        premise_file = out / f"premise_{a.arch}_{split}.json"
+        premise_file = out / f"premise_{a.arch}_{split}{tag}{'' if a.teacher == 'word' else '_' + a.teacher}.json"
         if not premise_file.exists():
             log(f"premise: DM teacher vs pre-trained VLM on {split}")
-            premise_file.write_text(json.dumps(strict_json(attention_on_objects(vlm, paths[split], attn[split])), indent=2))
+            records = paths[split]
+            if a.teacher != "word":
+                records = records.parent / f"{split}_{a.teacher}.jsonl"
+                records.write_text("".join(json.dumps(with_pairs(json.loads(ln), a.teacher)) + "\n"
+                                           for ln in open(paths[split])))
+            premise_file.write_text(json.dumps(strict_json(attention_on_objects(vlm, records, attn[split])), indent=2))
         premise[split] = json.loads(premise_file.read_text())
         log(f"premise ({split}): {premise[split]}")
 
@@ -186,7 +210,8 @@ def main() -> None:
             attention = {"lavender": attn["train"], "oracle": oracle, "shuffled": shuffled}
             for arm in a.arms:
                 results[arm].append(run_arm(
-                    arm, seed, vlm=vlm, train=train, attention=attention, evals=evals,
+                    arm, seed, vlm=vlm, train=paths.get(f"teacher{size}", train) if arm == "lavender" else train,
+                    attention=attention, evals=evals,
                     out=out / a.arch / f"{a.name}n{size}" / arm / f"seed{seed}", recipe=base,
                     probe=(paths["shift-val"], attn["shift-val"]), log=log))
         majority = {s: majority_accuracy(train, paths[s])[1] for s in ("iid", "shift")}

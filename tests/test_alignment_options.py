@@ -82,6 +82,19 @@ def test_explicit_align_pairs_choose_the_occurrence(tiny_vlm, tmp_path) -> None:
     torch.testing.assert_close(align.targets[0], torch.from_numpy(store.get("s0")["maps"][5].astype(np.float32)))
 
 
+def test_a_pair_spanning_a_phrase_targets_the_mean_of_its_words(tiny_vlm, tmp_path) -> None:
+    """A DM span covering "red square" (two DM words) gives the answer the mean of both words' maps."""
+    start = AMBIGUOUS[2].index("red", 5)
+    pair = {"message": 1, "start": 0, "end": 3, "dm_start": start, "dm_end": len(AMBIGUOUS[2])}
+    data, attn = _records(tmp_path, [AMBIGUOUS], [{"align_pairs": [pair], "align_text": AMBIGUOUS[2]}])
+    model, proc, fam = load_vlm(tiny_vlm("llava"))
+    store = AttentionStore(attn)
+    align = LavenderCollator(proc, fam, model.config, store, [0], AlignmentConfig())(read_records(data))["lavender"]
+    maps = store.get("s0")["maps"].astype(np.float32)
+    assert align.target_index == [5]
+    torch.testing.assert_close(align.targets[0], torch.from_numpy((maps[5] + maps[6]) / 2))
+
+
 @pytest.mark.parametrize("pairs,needle", [
     ("red", "must be a list"), ([{"message": 1}], "integer fields"),
     ([{"message": 7, "start": 0, "end": 3, "dm_start": 0, "dm_end": 1}], "not a message index"),

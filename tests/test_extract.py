@@ -192,6 +192,33 @@ def test_nulltext_recipe_runs(tmp_path, capsys):
                                                                  "inner_steps": 1, "guidance": 7.5}
 
 
+def test_noise_recipe_is_one_pass_and_independent_of_the_batch(tmp_path, capsys):
+    """``--recipe noise``: one UNet call per image per timestep; a record's noise is seeded by its id, so
+    its maps do not depend on the batch it lands in; other timesteps give other maps."""
+    data = write_images_and_records(tmp_path / "data", 3)
+    assert _extract(data, tmp_path / "b1", "--recipe", "noise", "--timesteps", "300", "--batch-size", "1",
+                    "--json") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["unet_evals_per_image"] == 1 and summary["done"] == 3
+    assert AttentionStore(tmp_path / "b1").manifest["recipe"]["timesteps"] == [300]
+    assert _extract(data, tmp_path / "b3", "--recipe", "noise", "--timesteps", "300", "--batch-size", "3") == 0
+    _assert_same(_all_maps(tmp_path / "b1"), _all_maps(tmp_path / "b3"))
+    assert _extract(data, tmp_path / "two", "--recipe", "noise", "--timesteps", "100", "700", "--json") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["unet_evals_per_image"] == 2
+    a, b = _all_maps(tmp_path / "b1"), _all_maps(tmp_path / "two")
+    assert any(not np.allclose(a[i][2], b[i][2], atol=1e-2) for i in a)
+
+
+@pytest.mark.parametrize("flags,needle", [(["--timesteps", "1000"], "0..999"),
+                                          (["--timesteps", "-1"], ">= 0"),
+                                          (["--guidance", "7.5"], "does not apply")])
+def test_noise_recipe_bad_options_are_one_line(tmp_path, capsys, flags, needle):
+    data = write_images_and_records(tmp_path / "data", 1)
+    assert _extract(data, tmp_path / "x", "--recipe", "noise", *flags) != 0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

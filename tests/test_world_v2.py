@@ -85,3 +85,22 @@ def test_generator_is_deterministic_and_prefix_stable(tmp_path) -> None:
         (tmp_path / "b/images/v2shift_000007.png").read_bytes()
     assert v2_example(1, "train", 0, 1.0)[0].caption != v2_example(2, "train", 0, 1.0)[0].caption or \
         v2_example(1, "train", 1, 1.0)[0].caption != v2_example(2, "train", 1, 1.0)[0].caption
+
+
+def test_phrase_pairs_span_the_referents_colour_and_shape(tmp_path) -> None:
+    """``pair="phrase"`` pairs the answer with "red circle" of the REFERENT: both of its words, never the
+    decoy's (whose answer word may be the same), and its naming word occurs once in the caption."""
+    from lavender.world.v2 import referent_phrase, with_pairs
+
+    path = write_v2_split(tmp_path, "train", 40, seed=5, p=1.0, pair="phrase")
+    for rec in map(json.loads, open(path)):
+        (pair,) = rec["align_pairs"]
+        ref = rec["objects"][rec["referent"]]
+        assert rec["align_text"][pair["dm_start"]: pair["dm_end"]] == f"{ref['colour']} {ref['shape']}"
+        assert rec["align_text"][: pair["dm_start"]].count(" and ") == rec["referent"]
+        (c0, c1), (s0, s1) = referent_phrase(rec)
+        assert (c0, s1) == (pair["dm_start"], pair["dm_end"]) and c1 < s0
+        word = with_pairs({**rec, "pair": "word"}, "word")
+        assert word["align_pairs"] == rec["align_pairs"]  # "word" leaves a record as it is
+    with pytest.raises(ValueError, match="choose one of word, phrase"):
+        write_v2_split(tmp_path, "train", 1, pair="sentence")

@@ -66,7 +66,8 @@ AlignerNorm = Literal["instance", "batch"]
 AttLoss = Literal["mse", "kl", "mass"]
 AlignerAct = Literal["relu6", "leakyrelu"]
 LambdaSchedule = Literal["constant", "exp-decay", "linear-warmup"]
-Recipe = Literal["ddim", "nulltext"]
+Recipe = Literal["ddim", "nulltext", "noise"]
+Pairing = Literal["word", "phrase"]
 Frame = Literal["squash", "pad", "center-crop"]
 Normalization = Literal["minmax", "none"]
 DType = Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"]
@@ -83,6 +84,7 @@ ALIGNER_ACTS: tuple[str, ...] = typing.get_args(AlignerAct)
 ATT_LOSSES: tuple[str, ...] = typing.get_args(AttLoss)
 LAMBDA_SCHEDULES: tuple[str, ...] = typing.get_args(LambdaSchedule)
 RECIPES: tuple[str, ...] = typing.get_args(Recipe)
+PAIRINGS: tuple[str, ...] = typing.get_args(Pairing)
 FRAMES: tuple[str, ...] = typing.get_args(Frame)
 NORMALIZATIONS: tuple[str, ...] = typing.get_args(Normalization)
 DTYPE_NAMES: tuple[str, ...] = typing.get_args(DType)
@@ -251,8 +253,8 @@ class ExtractConfig(Checked):
     """Options of ``lavender extract`` (Stage 1). Recipes, costs and the format: docs/stage1.md.
 
     Model and data: ``dm``, ``data``, ``out``, ``images_root``, ``qa_text``.
-    Recipe: ``recipe`` (ddim | nulltext), ``steps``, ``inversion_steps`` (ddim), ``inner_steps``
-    (nulltext), ``guidance`` (None = 1.0 for ddim, 7.5 for nulltext).
+    Recipe: ``recipe`` (ddim | nulltext | noise), ``steps``, ``inversion_steps`` (ddim), ``inner_steps``
+    (nulltext), ``timesteps`` (noise), ``guidance`` (None = 1.0 for ddim and noise, 7.5 for nulltext).
     Maps: ``map_size``, ``resolutions`` (cross-attention sides averaged), ``modules`` (only these
     cross-attention modules; flag ``--modules``, old spelling ``--layers``), ``frame``, ``normalize``.
     Running: ``batch_size``, ``dtype``, ``device``, ``shard_size``, ``strict``, ``limit``.
@@ -261,10 +263,12 @@ class ExtractConfig(Checked):
     dm: str = opt(dataclasses.MISSING, "diffusers Stable Diffusion folder or hub id (e.g. from `lavender tiny-dm`)")
     data: str = opt(dataclasses.MISSING, "records JSONL (see docs/records.md)")
     out: str = opt(dataclasses.MISSING, "attention dataset folder (created; reused to resume)")
-    recipe: Recipe = opt("ddim", "ddim (fast, default) or nulltext")
+    recipe: Recipe = opt("ddim", "ddim (default), nulltext (slow) or noise (one noise-and-read pass per timestep)")
     steps: int = opt(10, "denoising / DDIM grid steps")
     inversion_steps: int = opt(5, "ddim: inversion steps")
     inner_steps: int = opt(5, "nulltext: max optimisation steps per DDIM step")
+    timesteps: list[int] = opt(help="noise: the timesteps read, one UNet pass each (0 = clean, 999 = pure noise)",
+                               factory=lambda: [400])
     guidance: float | None = opt(None, "classifier-free guidance scale (default: 1.0 for ddim, 7.5 for nulltext)")
     map_size: int = opt(32, "side of the stored maps")
     resolutions: list[int] = opt(help="side lengths of the UNet cross-attention maps to average",
@@ -287,13 +291,18 @@ class ExtractConfig(Checked):
     def __post_init__(self) -> None:
         self.check_choices()
         if self.guidance is None:
-            self.guidance = 1.0 if self.recipe == "ddim" else 7.5
+            self.guidance = 7.5 if self.recipe == "nulltext" else 1.0
+        if self.recipe == "noise" and self.guidance != 1.0:
+            raise UsageError("--recipe noise reads one conditional pass: --guidance does not apply (leave it out)")
         if min(self.steps, self.inversion_steps, self.batch_size, self.map_size, self.shard_size) < 1 \
                 or self.inner_steps < 0:
             raise UsageError("--steps, --inversion-steps, --batch-size, --map-size and --shard-size must be >= 1, "
                              "--inner-steps >= 0")
         if self.limit is not None and self.limit < 0:
             raise UsageError(f"--limit must be >= 0, got {self.limit}")
+        self.timesteps = [int(t) for t in self.timesteps]
+        if not self.timesteps or min(self.timesteps) < 0:
+            raise UsageError(f"--timesteps {self.timesteps}: give one or more timesteps >= 0, e.g. 400")
         self.resolutions = sorted({int(r) for r in self.resolutions})
         if not self.resolutions or min(self.resolutions) < 1:
             raise UsageError(f"--resolutions {self.resolutions}: give positive map sides, e.g. 16 32")
@@ -905,6 +914,8 @@ class ScenesConfig(Checked):
     world: WorldVersion = opt("v1", "v1: five question kinds (docs/world.md); v2: referent/decoy questions "
                               "with explicit align_pairs (docs/world_v2.md)")
     p: float = opt(1.0, "v2: probability that the decoy shares the answer attribute (train, iid-val, iid, combo)")
+    pair: Pairing = opt("word", "v2: pair the answer with the referent's answer word, or its whole phrase "
+                        "(\"red circle\": the DM target is the mean of both words' maps)")
 
     def __post_init__(self) -> None:
         self.check_choices()

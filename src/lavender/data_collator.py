@@ -178,7 +178,8 @@ def _paired(words: Sequence[Any], pairs: Sequence[dict], lay: Layout,
     """Per VLM word, the DM word its record's explicit ``align_pairs`` name (empty: not paired).
 
     A pair's message span is located in the rendered text through the message's regions; a word
-    is paired when it lies inside that span, and its target is the DM word at ``[dm_start, dm_end)``.
+    is paired when it lies inside that span, and its target is the mean of the maps of the DM words
+    inside ``[dm_start, dm_end)`` (one word, or a phrase such as "red circle").
     """
     spans = []
     for p in pairs:
@@ -187,11 +188,11 @@ def _paired(words: Sequence[Any], pairs: Sequence[dict], lay: Layout,
                 continue
             s, e = r.text_offset(p["start"]), r.text_offset(p["end"])
             if s is not None and e is not None:
-                j = next((k for k, o in enumerate(dm_offsets) if tuple(o) == (p["dm_start"], p["dm_end"])), None)
-                if j is not None:
-                    spans.append((s, e, j))
+                js = [k for k, o in enumerate(dm_offsets) if p["dm_start"] <= o[0] and o[1] <= p["dm_end"]]
+                if js:
+                    spans.append((s, e, js))
                 break
-    return [[j for s, e, j in spans if s <= w.start and w.end <= e][:1] for w in words]
+    return [next((js for s, e, js in spans if s <= w.start and w.end <= e), []) for w in words]
 
 
 def manifest_frame(manifest: dict) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 
 from lavender.attnstore import AttentionWriter, update_counts
-from lavender.config import DTYPE_NAMES, FRAMES, NORMALIZATIONS, RECIPES, ExtractConfig  # noqa: F401
+from lavender.config import DTYPE_NAMES, FRAMES, NORMALIZATIONS, RECIPES, ExtractConfig, LavenderError  # noqa: F401
 from lavender.diffusion.capture import AttentionAccumulator, cross_attention_sides, install_capture
-from lavender.diffusion.inversion import NoiseSchedule, run_ddim, run_nulltext
+from lavender.diffusion.inversion import NoiseSchedule, run_ddim, run_noise, run_nulltext
 from lavender.frames import PAD_FILL, frame_image  # noqa: F401  (Stage 1's frame, re-exported)
 from lavender.maps import minmax
 from lavender.records import Record, RecordError, dm_text, iter_records, load_image
@@ -128,6 +129,13 @@ def words_from_token_maps(text: str, offsets: list[tuple[int, int]], special: li
     return kept_w, kept_o, arr, lost
 
 
+def record_noise(ids: list[str], like: torch.Tensor) -> torch.Tensor:
+    """Gaussian noise shaped like ``like`` (B, C, h, w), image ``j``'s drawn from a generator seeded by
+    ``crc32(ids[j])``: a record gets the same noise whatever its batch, process or resume point."""
+    gens = [torch.Generator().manual_seed(zlib.crc32(i.encode("utf-8"))) for i in ids]
+    return torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens]).to(like.device, like.dtype)
+
+
 # ---------------------------------------------------------------------------------------- the loop
 class Extractor:
     """A loaded DM with capture installed; ``extract_batch`` turns records into word maps."""
@@ -138,14 +146,21 @@ class Extractor:
         self.sides = cross_attention_sides(self.dm.unet, self.dm.latent_side)
         self.store = AttentionAccumulator(cfg.resolutions, cfg.batch_size, self.dm.max_length, self.dm.device)
         self.captured = install_capture(self.dm.unet, self.store, self.sides, cfg.modules)
+        top = self.dm.schedule.num_train_timesteps
+        if cfg.recipe == "noise" and max(cfg.timesteps) >= top:
+            raise LavenderError(f"--timesteps {cfg.timesteps}: this DM's scheduler has {top} timesteps; "
+                                f"give values in 0..{top - 1}")
         self.dm.unet_calls = 0
         with torch.inference_mode():
             self.null_emb = self.dm.encode_text(self.dm.tokenize([""])["input_ids"])  # (1, 77, D)
 
     def manifest(self) -> dict:
         c = self.cfg
-        recipe = {"name": c.recipe, "steps": c.steps, "guidance": c.guidance}
-        recipe.update({"inversion_steps": c.inversion_steps} if c.recipe == "ddim" else {"inner_steps": c.inner_steps})
+        if c.recipe == "noise":
+            recipe = {"name": "noise", "timesteps": c.timesteps, "noise": "per record: torch.Generator(crc32(id))"}
+        else:
+            recipe = {"name": c.recipe, "steps": c.steps, "guidance": c.guidance}
+            recipe.update({"inversion_steps": c.inversion_steps} if c.recipe == "ddim" else {"inner_steps": c.inner_steps})
         import diffusers
         import transformers
 
@@ -178,7 +193,10 @@ class Extractor:
         cond = dm.encode_text(enc["input_ids"])
         uncond = self.null_emb.expand(n, -1, -1)
         self.store.reset(n)
-        if c.recipe == "ddim":
+        if c.recipe == "noise":
+            x_rec = run_noise(dm.eps, x0, cond, dm.schedule, self.store, c.timesteps,
+                              record_noise([r.id for r in records], x0))
+        elif c.recipe == "ddim":
             x_rec = run_ddim(dm.eps, x0, cond, uncond, dm.schedule, self.store, c.steps, c.inversion_steps, c.guidance)
         else:
             x_rec = run_nulltext(dm.eps, x0, cond, uncond, dm.schedule, self.store, c.steps, c.inner_steps,

@@ -16,6 +16,9 @@ Cost in UNet evaluations per image (n = ``steps``, m = ``inversion_steps``, k = 
 g = guidance; a "backward" costs about two forward evaluations):
 
 - ``ddim``:     m (inversion, text) + n · (1 if g == 1 else 2)        → 15 with the defaults (g = 1)
+- ``noise``:    one conditional evaluation per read timestep (1 with the default ``timesteps``): the
+  image is noised to each timestep with a fixed per-image noise and read once, with no inversion and
+  no denoising (the single noise-and-read pass of training-free diffusion segmenters).
 - ``nulltext``: n (inversion) + n · (1 cond + ≤k (uncond fwd + bwd) + 1 uncond) → ≤ 80 forward + ≤ 50
   backward with the defaults (g = 7.5). The attention is read from the conditional evaluation made at
   each step of the optimised trajectory, which IS the conditional branch of the guided denoising pass
@@ -111,6 +114,31 @@ def run_ddim(eps: EpsFn, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Ten
     grid = sched.denoising_grid(steps)
     xs = ddim_invert(eps, x0, cond, sched.inversion_grid(inversion_steps, grid[0]), sched)
     return ddim_denoise(eps, xs[-1], cond, uncond, grid, sched, guidance, store)
+
+
+@torch.inference_mode()
+def run_noise(eps: EpsFn, x0: torch.Tensor, cond: torch.Tensor, sched: NoiseSchedule,
+              store: AttentionAccumulator | None, timesteps: list[int], noise: torch.Tensor) -> torch.Tensor:
+    """The ``noise`` recipe: ``x_t = sqrt(a_t)·x0 + sqrt(1 - a_t)·noise`` at each of ``timesteps``, one
+    conditional UNet call each, capturing attention. ``noise`` (same shape as ``x0``) is drawn per image
+    by the caller, so an image's maps do not depend on the rest of its batch. Returns the clean latents
+    predicted at the first timestep (their distance to ``x0`` says how much the model read from the text)."""
+    if not timesteps:
+        raise ValueError("the noise recipe needs at least one timestep")
+    if store is not None:
+        store.active = True
+    first = None
+    try:
+        for t in timesteps:
+            a = sched.alpha(int(t))
+            x_t = a**0.5 * x0 + (1 - a) ** 0.5 * noise
+            e = eps(x_t, int(t), cond)
+            if first is None:
+                first = (x_t - (1 - a) ** 0.5 * e) / a**0.5
+    finally:
+        if store is not None:
+            store.active = False
+    return first
 
 
 def run_nulltext(eps: EpsFn, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, sched: NoiseSchedule,

@@ -483,15 +483,18 @@ class LayerMaps:
                                  f"{[_layer_name(k) for k in self.sides]}")
             self.groups["+".join(names)] = [self.groups[n][0] for n in names]
 
-    def maps_by_group(self, images: np.ndarray, captions: list[str]) -> dict[str, list[dict]]:
+    def maps_by_group(self, images: np.ndarray, captions: list[str], timesteps: Sequence[int] | None = None,
+                      ids: Sequence[str] | None = None) -> dict[str, list[dict]]:
         """Raw (``normalize="none"``) word maps per group: ``{group: [{(start, end): (S, S) map}, ...]}``.
 
         ``images`` (n, H, W, 3) uint8; one dict per caption, keyed by the word's character offsets.
+        ``timesteps`` switches from the ``ddim`` recipe to Stage 1's ``noise`` recipe (one noise-and-read
+        pass per timestep; the noise is seeded by ``ids``, as Stage 1 seeds it by record id).
         """
         from PIL import Image
 
-        from lavender.diffusion.extract import frame_image, to_pixels, words_from_token_maps
-        from lavender.diffusion.inversion import run_ddim
+        from lavender.diffusion.extract import frame_image, record_noise, to_pixels, words_from_token_maps
+        from lavender.diffusion.inversion import run_ddim, run_noise
 
         m, n, size = self.model, len(captions), self.map_size
         pixels = to_pixels([frame_image(Image.fromarray(im), m.image_size, "squash") for im in images])
@@ -499,8 +502,12 @@ class LayerMaps:
         x0 = m.encode_images(pixels)
         cond = m.encode_text(enc["input_ids"])
         self.store.reset(n)
-        run_ddim(m.eps, x0, cond, self.null.expand(n, -1, -1), m.schedule, self.store, self.steps,
-                 self.inversion_steps, 1.0)
+        if timesteps:
+            ids = list(ids) if ids is not None else [str(j) for j in range(n)]
+            run_noise(m.eps, x0, cond, m.schedule, self.store, list(timesteps), record_noise(ids, x0))
+        else:
+            run_ddim(m.eps, x0, cond, self.null.expand(n, -1, -1), m.schedule, self.store, self.steps,
+                     self.inversion_steps, 1.0)
         layer = {}
         for k, side in self.sides.items():
             # (n, side², 77) sum over steps → (n, 77, side, side) mean → (n, 77, size, size)

@@ -25,13 +25,17 @@ need size words both world models were never trained on.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
+from lavender.config import PAIRINGS
 from lavender.world.scenes import (
+    COLOURS,
     HELD_OUT_PAIRS,
     SEEN_PAIRS,
+    SHAPES,
     SIZE_RANGES,
     Scene,
     SceneObject,
@@ -151,9 +155,38 @@ def v2_example(seed: int, split: str, index: int, p: float) -> tuple[Scene, dict
     return scene, fields
 
 
-def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0, p: float = 1.0) -> Path:
-    """Write ``n`` v2 VQA records of ``split`` to ``out_dir/<split>.jsonl`` (images and masks beside it)."""
+def referent_phrase(record: dict) -> list[tuple[int, int]]:
+    """Character spans of the referent's colour and shape words in a v2 record's caption (``align_text``).
+
+    The caption names object ``k`` (caption order) with grounded words ``2k`` (colour) and ``2k + 1``
+    (shape); the pair of them is the only place the caption identifies the referent when the decoy
+    shares the answer word (the naming word occurs once: the decoy and distractors never carry it).
+    """
+    spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", record["align_text"])
+             if m.group() in COLOURS or m.group() in SHAPES]
+    k = int(record["referent"])
+    return [spans[2 * k], spans[2 * k + 1]]
+
+
+def with_pairs(record: dict, pair: str) -> dict:
+    """``record`` with its answer paired to the referent's answer ``word`` (the v2 default) or to the
+    referent's whole ``phrase`` ("red circle": a Stage-1 target that averages both words' maps)."""
+    if pair not in PAIRINGS:
+        raise ValueError(f"pair={pair!r}: choose one of {', '.join(PAIRINGS)}")
+    if pair == "word":
+        return record
+    (start, _), (_, end) = referent_phrase(record)
+    pairs = [{**p, "dm_start": start, "dm_end": end} for p in record["align_pairs"]]
+    return {**record, "align_pairs": pairs, "pair": pair}
+
+
+def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0, p: float = 1.0,
+                   pair: str = "word") -> Path:
+    """Write ``n`` v2 VQA records of ``split`` to ``out_dir/<split>.jsonl`` (images and masks beside it);
+    ``pair`` (:func:`with_pairs`) says which span of the caption the answer is paired with."""
     check_split(split)
+    if pair not in PAIRINGS:
+        raise ValueError(f"pair={pair!r}: choose one of {', '.join(PAIRINGS)}")
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
@@ -163,13 +196,13 @@ def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0
             scene, f = v2_example(seed, split, i, p)
             ex_id = f"v2{split}_{i:06d}"
             img, masks = save_example(root, ex_id, scene)
-            yield {"id": ex_id, "images": [img],
+            yield with_pairs({"id": ex_id, "images": [img],
                    "messages": [{"role": "user", "content": "<image>" + f["question"]},
                                 {"role": "assistant", "content": f["answer"]}],
                    "align_text": scene.caption, "type": f["type"], "answers": [f["answer"]],
                    "masks": masks, "objects": [o.to_dict() for o in scene.objects],
                    "template": f["template"], "referent": f["referent"], "decoy": f["decoy"],
-                   "decoy_shares": f["decoy_shares"], "align_pairs": f["align_pairs"], "p": p}
+                   "decoy_shares": f["decoy_shares"], "align_pairs": f["align_pairs"], "p": p}, pair)
 
     return write_scene_jsonl(root / f"{split}.jsonl", rows())
 
