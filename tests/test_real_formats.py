@@ -9,6 +9,7 @@ one-word answer align NOTHING.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from lavender.chat import label_positions, layout
@@ -95,3 +96,150 @@ def test_a_template_without_end_of_turn_still_trains_eos_and_never_the_next_turn
     assert trained.count(tok.eos_token) == 2, trained  # the model learns to stop after each answer
     assert not any("USER" in t for t in trained), trained  # the next turn's header is never trained
     assert "".join(trained).replace("▁", " ").strip() == f"Red.{tok.eos_token} A{tok.eos_token}"
+
+
+# ----------------------------------------------------------------------------- Llama-3.2-Vision
+# Written here to render what the released Llama-3.2-Vision-Instruct template renders: BOS, a system
+# block with the date ONLY for conversations without images (the system content read as a string),
+# an error for a system message together with images, `<|start_header_id|>role<|end_header_id|>\n\n`
+# headers and `<|eot_id|>` after every turn.
+LLAMA32 = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{%- set ns = namespace(has_images=false) %}"
+    "{%- for m in messages %}{%- for c in m['content'] %}{%- if c['type'] == 'image' %}"
+    "{%- set ns.has_images = true %}{%- endif %}{%- endfor %}{%- endfor %}"
+    "{%- if ns.has_images and not system_message == '' %}"
+    "{{- raise_exception('Prompting with images is incompatible with system messages.') }}{%- endif %}"
+    "{%- if not ns.has_images %}{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}{{- 'Today Date: 26 Jul 2024\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}{%- endif %}"
+    "{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if m['content'] is string %}{{- m['content'] }}{%- else %}{%- for c in m['content'] %}"
+    "{%- if c['type'] == 'image' %}{{- '<|image|>' }}{%- elif c['type'] == 'text' %}{{- c['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+# Llama-3's pre-tokenisation: its split regex, then byte-level (a word's token carries its space: 'ĠRed')
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eot_id|>", "<|image|>", "<|finetune_right_pad_id|>"]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import MllamaProcessor, PreTrainedTokenizerFast
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["What colour is the circle? Red. Answer in one word.", "Is it red? A blue square and a red circle.",
+              "Cutting Knowledge Date: December 2023 Today Date: 26 Jul 2024 user assistant system"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=LLAMA_SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|finetune_right_pad_id|>", extra_special_tokens=["<|image|>"])
+    image = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=2)
+    return MllamaProcessor(image, fast, chat_template=LLAMA32)
+
+
+def _trained(proc, lay) -> str:
+    return proc.tokenizer.decode([lay.token_ids[j] for j in sorted(label_positions(lay))])
+
+
+def test_llama_system_prompt_is_rendered_as_text_not_a_list_repr(llama) -> None:
+    """Defect 4: the released template reads the system content as a string; a list printed its repr."""
+    from lavender.chat import render
+
+    msgs = [{"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": "Red."}]
+    text = render(llama, msgs)
+    assert "Today Date: 26 Jul 2024\n\nAnswer in one word.<|eot_id|>" in text and "'type'" not in text
+    assert _trained(llama, layout(llama, msgs)) == "Red.<|eot_id|>"
+
+
+def test_llama_first_image_in_a_later_turn_labels_every_answer(llama) -> None:
+    """Defect 5: the date block is written only for image-free prefixes, so the template is not
+    prefix-stable when the first image comes in turn 3; both answers are still found and trained."""
+    msgs = [{"role": "user", "content": "Is it red?"}, {"role": "assistant", "content": "A"},
+            {"role": "user", "content": "<image>What colour is the circle?"},
+            {"role": "assistant", "content": "Red."}]
+    lay = layout(llama, msgs)
+    assert "Cutting Knowledge" not in lay.text  # the conversation has an image: no date block
+    assert _trained(llama, lay) == "A<|eot_id|>Red.<|eot_id|>"
+    answers = [lay.text[r.start:r.end] for r in lay.regions if r.role == "assistant"]
+    assert answers == ["A", "Red."]
+
+
+def test_a_template_error_skips_and_counts_the_record(llama) -> None:
+    """Defect 7: the released Llama template raises for a system message with an image; the collator
+    skips that record (counted, named) and trains the rest of the batch."""
+    from lavender.data_collator import LavenderCollator
+    from lavender.records import Record
+    from lavender.vlm.families import families
+
+    img = _image_file()
+    bad = Record(id="sys+image", index=0, images=[img], messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>Colour?"},
+        {"role": "assistant", "content": "Red."}])
+    good = Record(id="ok", index=1, images=[img], messages=[{"role": "user", "content": "<image>Colour?"},
+                                                     {"role": "assistant", "content": "Red."}])
+    coll = LavenderCollator(llama, families()["mllama"], None)
+    batch = coll([bad, good])
+    assert batch["input_ids"].shape[0] == 1
+    assert [i for i, _ in coll.skipped] == ["sys+image"] and "system messages" in coll.skipped[0][1]
+
+
+def _image_file() -> str:
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+    Image.fromarray(np.full((30, 40, 3), 128, np.uint8)).save(path)
+    return path
+
+
+def test_an_answer_before_a_later_image_is_trained_and_its_words_counted_as_dropped(processor, tmp_path) -> None:
+    """Defects 6 and 8: with LLaVA's image expansion, the first answer (before the second image) is
+    trained, located through the processor's ids; its word cannot be aligned (rows are read after the
+    last image) and is counted in ``n_dropped`` instead of vanishing from the match rate."""
+    from lavender.attnstore import AttentionStore, AttentionWriter
+    from lavender.config import AlignmentConfig
+    from lavender.data_collator import LavenderCollator
+    from lavender.records import Record
+    from lavender.vlm.families import families
+    from lavender.words import split_words
+
+    img = _image_file()
+    rec = Record(id="two", index=0, images=[img, img], messages=[
+        {"role": "user", "content": "<image>What colour is it?"}, {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "<image>Which one? A. B."}, {"role": "assistant", "content": "A"}],
+        align_text="a red circle")
+    fam = families()["llava"]
+    batch = LavenderCollator(processor, fam, None)([rec])
+    labels = batch["labels"][0]
+    trained = processor.tokenizer.decode(batch["input_ids"][0][labels != -100])
+    assert trained.replace(" ", "") == "Red.</s>A</s>"
+    ws = split_words("a red circle")
+    writer = AttentionWriter(tmp_path / "attn", {"map_size": 8, "frame": "squash"})
+    writer.add("two", [w.text for w in ws], [(w.start, w.end) for w in ws], np.random.rand(3, 8, 8).astype("float32"))
+    writer.close()
+
+    class Config:  # what the LLaVA family reads from a model config to find the image grid
+        image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+        image_token_index = image_token_id
+        vision_config = type("V", (), {"image_size": 28, "patch_size": 14})()
+        vision_feature_select_strategy = "default"
+
+    align = LavenderCollator(processor, fam, Config(), AttentionStore(tmp_path / "attn"), [0],
+                             AlignmentConfig())([rec])["lavender"]
+    assert [w.text for w in align.rows.words[0]] == ["A"] and align.n_words == 1  # "A" matches the DM's "a"
+    assert align.n_dropped == 1  # "Red." came before the last image

@@ -9,9 +9,10 @@ padding — is −100 (the authors' code compared a list to an int and trained o
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,15 +21,20 @@ IGNORE_INDEX = -100
 _IMAGE_TAG = re.compile(r"<image>")
 
 
-def to_conversation(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def to_conversation(messages: Sequence[dict[str, Any]], system_as_string: bool = False) -> list[dict[str, Any]]:
     """Records' ``{"role", "content": "<image>text"}`` turns → processor chat-template turns.
 
     ``<image>`` tags become ``{"type": "image"}`` items at their place in the text; turns with
-    structured content pass through unchanged.
+    structured content pass through unchanged. ``system_as_string`` keeps a text-only system message
+    a plain string, for templates that read it as one (Llama-3.2-Vision's: given a list it renders
+    the list's Python repr).
     """
     conv = []
     for m in messages:
         content = m["content"]
+        if system_as_string and m["role"] == "system" and isinstance(content, str) and "<image>" not in content:
+            conv.append({"role": "system", "content": content})
+            continue
         if isinstance(content, str):
             items: list[dict[str, Any]] = []
             parts = _IMAGE_TAG.split(content)
@@ -45,8 +51,33 @@ def to_conversation(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def render(processor: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
     """The chat-template string of ``messages`` (no tokenisation)."""
     return processor.apply_chat_template(
-        to_conversation(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+        to_conversation(messages, system_takes_string(processor)), tokenize=False,
+        add_generation_prompt=add_generation_prompt)
+
+
+_PROBES: dict[tuple[str, str, str], Any] = {}  # (probe, chat template, EOS) → result: templates are probed once
+
+
+def _probe(processor: Any, name: str, fn: Any) -> Any:
+    key = (name, str(getattr(processor, "chat_template", "")), str(getattr(processor.tokenizer, "eos_token", "")))
+    if key not in _PROBES:
+        _PROBES[key] = fn()
+    return _PROBES[key]
+
+
+def system_takes_string(processor: Any) -> bool:
+    """Whether the template reads a system message's content as a string: given the usual list of
+    ``{"type": "text"}`` items it would print the list's repr (Llama-3.2-Vision's template does)."""
+    def check() -> bool:
+        conv = [{"role": "system", "content": [{"type": "text", "text": "LAVENDERSYSTEM"}]},
+                {"role": "user", "content": [{"type": "text", "text": "q"}]}]
+        try:
+            out = processor.apply_chat_template(conv, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that rejects system messages: nothing to decide
+            return False
+        return "'type'" in out or "'text': 'LAVENDERSYSTEM'" in out
+
+    return _probe(processor, "system", check)
 
 
 @dataclass
@@ -80,6 +111,9 @@ class Layout:
         shift: how many positions the processor's image expansion inserts before the text's tail:
             tokenizer token ``j`` after the last image placeholder is processed position ``j + shift``.
         first_tail_token: the first tokenizer token after the last image placeholder (0 if none).
+        image_tokens: tokenizer indices of the image placeholders.
+        segment_shifts: per text segment (tokens between placeholders), processed = tokenizer + shift;
+            set by :meth:`align_to` (None before it: positions are the tokenizer's).
     """
 
     text: str
@@ -91,9 +125,54 @@ class Layout:
     shift: int = 0
     first_tail_token: int = 0
 
-    def tail_positions(self, tokens: Sequence[int]) -> list[int]:
-        """Processed positions of tokenizer tokens (those before the last image are dropped)."""
-        return [j + self.shift for j in tokens if j >= self.first_tail_token]
+    image_tokens: list[int] = field(default_factory=list)
+    segment_shifts: list[int | None] | None = None
+
+    def align_to(self, processed: Sequence[int]) -> int:
+        """Locate each text segment (the tokens between image placeholders) in the processor's ids.
+
+        ``processed``: one sample's ids without padding. The processor expands each placeholder into
+        the image's tokens (LLaVA, Qwen2-VL, Idefics3) or keeps one (Mllama), and leaves the text
+        between them as the tokenizer made it, so the tail ends where ``processed`` ends and each
+        earlier segment is its last exact occurrence before the expansion that follows it. Sets
+        ``shift`` (the tail's) and ``segment_shifts`` (None: a segment not found, whose tokens then
+        get no position); returns the number of segments not found (0 when all were).
+        """
+        ids = self.token_ids
+        bounds = [-1, *self.image_tokens, len(ids)]
+        segs = [(bounds[k] + 1, bounds[k + 1]) for k in range(len(bounds) - 1)]
+        self.shift = len(processed) - len(ids)
+        shifts: list[int | None] = [None] * len(segs)
+        shifts[-1] = self.shift
+        limit = segs[-1][0] + self.shift  # where the segment after the current one starts, processed
+        missing = 0
+        for k in range(len(segs) - 2, -1, -1):
+            a, b = segs[k]
+            piece, n = list(ids[a:b]), b - a
+            end = limit - 1  # the placeholder's expansion takes at least one position
+            if n:
+                end = next((e for e in range(end, n - 1, -1) if list(processed[e - n: e]) == piece), -1)
+                if end < 0:
+                    missing += 1
+                    continue
+                shifts[k] = end - b
+            limit = end - n
+        self.segment_shifts = shifts
+        return missing
+
+    def positions(self, tokens: Sequence[int]) -> list[int]:
+        """Processed positions of tokenizer tokens; before :meth:`align_to`, the tokenizer's own.
+        Image placeholders and tokens of segments not found get none."""
+        if self.segment_shifts is None:
+            placeholders = set(self.image_tokens)
+            return [j for j in tokens if j not in placeholders]
+        out = []
+        for j in tokens:
+            k = bisect.bisect_right(self.image_tokens, j)
+            if (k and self.image_tokens[k - 1] == j) or self.segment_shifts[k] is None:
+                continue
+            out.append(j + self.segment_shifts[k])
+        return out
 
 
 def adds_special_tokens(tokenizer: Any, text: str) -> bool:
@@ -139,7 +218,9 @@ def _place_parts(processor: Any, messages: Sequence[dict[str, Any]], i: int, par
         pieces += [content[last:start], sentinels[-1]]
         last = start + len(part)
     pieces.append(content[last:])
-    probe = render(processor, [*messages[:i], {**messages[i], "content": "".join(pieces)}])
+    # the WHOLE conversation with sentinels in message i: what precedes them is exactly ``text``'s
+    # prefix even for templates whose preamble depends on later turns (Llama-3.2-Vision's date block)
+    probe = render(processor, [*messages[:i], {**messages[i], "content": "".join(pieces)}, *messages[i + 1:]])
     out: list[int | None] = []
     shift, cursor = 0, seg_start
     for (_, part), sentinel in zip(parts, sentinels):
@@ -154,14 +235,25 @@ def _place_parts(processor: Any, messages: Sequence[dict[str, Any]], i: int, par
     return out
 
 
+def end_of_turn_marker(processor: Any) -> str:
+    """The text the chat template writes right after an assistant message's content ("<|eot_id|>",
+    "<|im_end|>", "<end_of_utterance>"), up to the first whitespace; "" for templates that write no
+    special token there (LLaVA-1.5's released template ends a turn with a space)."""
+    def check() -> str:
+        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "LAVENDERPROBE"}]
+        tail = render(processor, probe).split("LAVENDERPROBE", 1)[-1]
+        marker = tail.split(maxsplit=1)[0] if tail and not tail[0].isspace() else ""
+        tok = processor.tokenizer
+        specials = {t for t in [tok.eos_token, *getattr(tok, "all_special_tokens", [])] if t and t != tok.pad_token}
+        return marker if any(t in marker for t in specials) else ""
+
+    return _probe(processor, "end_of_turn", check)
+
+
 def template_ends_turns(processor: Any) -> bool:
     """Whether the chat template writes an end-of-turn marker (the tokenizer's EOS or another special
-    token) after an assistant turn. LLaVA-1.5's released template does not: it ends a turn with a space."""
-    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "LAVENDERPROBE"}]
-    tail = render(processor, probe).split("LAVENDERPROBE", 1)[-1]
-    tok = processor.tokenizer
-    specials = {t for t in [tok.eos_token, *getattr(tok, "all_special_tokens", [])] if t and t != tok.pad_token}
-    return any(t in tail for t in specials)
+    token) after an assistant turn."""
+    return bool(end_of_turn_marker(processor))
 
 
 def with_end_of_turn(processor: Any, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -178,19 +270,26 @@ def with_end_of_turn(processor: Any, messages: Sequence[dict[str, Any]]) -> list
 def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
     """Render ``messages`` and locate every message's words and every assistant turn in it.
 
-    Relies on the template being prefix-stable (rendering ``messages[:i]`` is a prefix of rendering
-    ``messages``), which holds for the chat templates of the supported families; a template that is
-    not gets a clear error instead of silently shifted labels.
+    Message text is located by rendering sentinels in its place (:func:`_place_parts`). An assistant
+    turn's trained span runs from the end of the generation prompt to its end-of-turn marker, found
+    from rendered prefixes when the template is prefix-stable (rendering ``messages[:i]`` is a prefix
+    of rendering ``messages``). Llama-3.2-Vision's is not when the first image comes in a later turn
+    (its date block is written only for image-free conversations); then the span runs from the turn's
+    first text to its last plus the template's end-of-turn marker (:func:`end_of_turn_marker`).
     """
     original = messages
     messages = with_end_of_turn(processor, messages)
     text = render(processor, messages)
+    stable = all(text.startswith(render(processor, messages[: i + 1])) for i in range(len(messages) - 1))
+    marker = "" if stable else end_of_turn_marker(processor)
     regions: list[Region] = []
     label_spans: list[tuple[int, int]] = []
     for i, m in enumerate(original):
-        seg_start, seg_end = _rendered_len(processor, messages[:i]), _rendered_len(processor, messages[: i + 1])
-        if text[:seg_end] != render(processor, messages[: i + 1]):
-            raise ValueError("the chat template is not prefix-stable; labels cannot be located")
+        if stable:
+            seg_start, seg_end = _rendered_len(processor, messages[:i]), _rendered_len(processor, messages[: i + 1])
+        else:
+            seg_start, seg_end = (regions[-1].end if regions else 0), len(text)
+        n_before = len(regions)
         content = m["content"] if isinstance(m["content"], str) else " ".join(
             c.get("text", "") for c in m["content"] if c.get("type") == "text")
         parts = _text_parts(content)
@@ -204,13 +303,21 @@ def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
                 continue  # the template rewrote this text (e.g. trimmed); no words taken from it
             regions.append(Region(m["role"], at, at + len(part), i, part_start))
             cursor = at + len(part)
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and stable:
             # the turn as trained: its text and end-of-turn marker, not the whitespace that separates
             # it from the next turn (a '▁USER' token starts on that space: it belongs to the next turn)
             end = seg_end
             while end > seg_start and text[end - 1].isspace():
                 end -= 1
             label_spans.append((_rendered_len(processor, messages[:i], gen=True), end))
+        elif m["role"] == "assistant" and len(regions) > n_before:
+            start, end = regions[n_before].start, regions[-1].end
+            eos = getattr(processor.tokenizer, "eos_token", None)
+            if eos and messages[i] is not m and text.startswith(eos, end):  # the EOS with_end_of_turn added
+                end += len(eos)
+            if marker and text.startswith(marker, end):
+                end += len(marker)
+            label_spans.append((start, end))
 
     tok = processor.tokenizer
     enc = tok(text, return_offsets_mapping=True, add_special_tokens=adds_special_tokens(tok, text))
@@ -218,14 +325,13 @@ def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
     special_ids = set(tok.all_special_ids) | {
         i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
     special = [i in special_ids for i in ids]
-    first_tail = 0
+    images: list[int] = []
     image_token = getattr(processor, "image_token", None)
     if image_token is not None:
         image_id = tok.convert_tokens_to_ids(image_token)
-        last = max((j for j, i in enumerate(ids) if i == image_id), default=-1)
-        first_tail = last + 1
+        images = [j for j, i in enumerate(ids) if i == image_id]
     return Layout(text, regions, label_spans, [tuple(o) for o in enc["offset_mapping"]], special, ids,
-                  first_tail_token=first_tail)
+                  first_tail_token=images[-1] + 1 if images else 0, image_tokens=images)
 
 
 def label_positions(lay: Layout) -> list[int]:
@@ -234,7 +340,7 @@ def label_positions(lay: Layout) -> list[int]:
     # first word in that word's token ('▁Red'), which can start one character before the turn's text
     toks = [j for j, (s, e) in enumerate(lay.offsets)
             if any(a <= s < b or (s < b and e > a) for a, b in lay.label_spans)]
-    return lay.tail_positions(toks)
+    return lay.positions(toks)
 
 
 def labels_for_batch(input_ids: torch.Tensor, positions: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from jinja2.exceptions import TemplateError
 
 from lavender.chat import Layout, adds_special_tokens, label_positions, labels_for_batch, layout
 from lavender.config import AlignmentConfig
@@ -22,7 +23,7 @@ from lavender.records import Record, load_image
 from lavender.vlm.aggregate import keys_from_grids
 from lavender.vlm.backend import CapturePlan
 from lavender.vlm.rows import RowBatch, batch_rows, rows_for_batch
-from lavender.words import match_words, normalize
+from lavender.words import match_words, normalize, split_words
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class AlignmentBatch:
         frame: the attention dataset's frame (squash / pad / center-crop).
         target_index: per matched word, the index of its DM word in the example's attention entry.
         n_ambiguous: words whose text named several DM words (resolved by ``ambiguous``).
+        n_dropped: words of the text to align (the answers, or every message's text after the first
+            image) that reached no row: in a turn before the last image, or cut by truncation. They
+            count in the match rate's denominator, so it never hides them.
         ids: the batch's record ids (to name them when a loss is not finite).
     """
 
@@ -57,6 +61,7 @@ class AlignmentBatch:
     target_index: list[int] = field(default_factory=list)
     n_ambiguous: int = 0  # words whose text names several DM words (text matching only)
     ids: list[str] = field(default_factory=list)
+    n_dropped: int = 0  # words of the aligned text that reached no row (before the last image, truncated)
 
     @property
     def n_matched(self) -> int:
@@ -91,17 +96,20 @@ class LavenderCollator:
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, records: Sequence[Record]) -> dict[str, Any]:
-        kept, images = [], []
+        kept, images, layouts = [], [], []
         for rec in records:
             try:
+                # the template too: a released one may refuse a record (Llama-3.2-Vision raises for a
+                # system message together with images); that record is skipped, not the run
+                lay = layout(self.processor, rec.messages)
                 images.append([load_image(p) for p in rec.images])
+                layouts.append(lay)
                 kept.append(rec)
-            except (OSError, ValueError) as e:  # reported and skipped, never a crash mid-run
+            except (OSError, ValueError, TemplateError) as e:  # reported and skipped, never a crash mid-run
                 self.skipped.append((rec.id, str(e)))
                 logger.warning("skipping record %s: %s", rec.id, e)
         if not kept:
-            raise ValueError("every record of this batch is unreadable: " + "; ".join(r for _, r in self.skipped[-3:]))
-        layouts = [layout(self.processor, r.messages) for r in kept]
+            raise ValueError("every record of this batch is unusable: " + "; ".join(r for _, r in self.skipped[-3:]))
         batch = self.processor(text=[lay.text for lay in layouts], images=images, padding=True,
                                return_tensors="pt",
                                add_special_tokens=adds_special_tokens(self.processor.tokenizer, layouts[0].text))
@@ -110,7 +118,9 @@ class LavenderCollator:
         left = self.processor.tokenizer.padding_side == "left"
         offsets = [input_ids.shape[1] - n if left else 0 for n in lengths]
         for b, lay in enumerate(layouts):
-            lay.shift = lengths[b] - len(lay.token_ids)
+            if lay.align_to(input_ids[b, offsets[b]: offsets[b] + lengths[b]].tolist()):
+                logger.warning("record %s: text before an image was not found in the processor's tokens; "
+                               "its labels are dropped", kept[b].id)
             self._check_tail(input_ids[b], offsets[b], lengths[b], lay, kept[b].id)
         batch["labels"] = labels_for_batch(
             input_ids, [[p + off for p in label_positions(lay)] for lay, off in zip(layouts, offsets)])
@@ -143,9 +153,11 @@ class LavenderCollator:
         matched: list[list[Any]] = [[] for _ in recs]
         targets, target_index = [], []
         n_words = n_ambiguous = 0
+        n_dropped = 0
         for b, rec in enumerate(recs):
             words = all_rows.words[b]
             n_words += len(words)
+            n_dropped += max(0, _words_to_align(layouts[b], self.alignment.align_on) - len(words))
             entry = self.store.get(rec.id) if (grids[b] is not None and words and rec.id in self.store) else None
             if entry is None:
                 continue
@@ -170,7 +182,7 @@ class LavenderCollator:
             targets=torch.stack(targets) if targets else torch.zeros(0, size, size),
             attention_mask=batch["attention_mask"], n_words=n_words,
             frame=manifest_frame(self.store.manifest), target_index=target_index, n_ambiguous=n_ambiguous,
-            ids=[r.id for r in recs])
+            ids=[r.id for r in recs], n_dropped=n_dropped)
 
 
 def _paired(words: Sequence[Any], pairs: Sequence[dict], lay: Layout,
@@ -193,6 +205,17 @@ def _paired(words: Sequence[Any], pairs: Sequence[dict], lay: Layout,
                     spans.append((s, e, js))
                 break
     return [next((js for s, e, js in spans if s <= w.start and w.end <= e), []) for w in words]
+
+
+def _words_to_align(lay: Layout, align_on: str) -> int:
+    """How many words the record asks to align: its answers' (``answer``) or, for ``all``, every
+    message's text after the first image."""
+    if align_on == "answer":
+        regions = [r for r in lay.regions if r.role == "assistant"]
+    else:
+        first = lay.offsets[lay.image_tokens[0]][1] if lay.image_tokens else len(lay.text)
+        regions = [r for r in lay.regions if r.start >= first]
+    return sum(len(split_words(lay.text[r.start:r.end])) for r in regions)
 
 
 def manifest_frame(manifest: dict) -> str:

@@ -303,7 +303,8 @@ class LavenderTrainer(Trainer):
             acc.setdefault(k, []).append(v)
         if align is not None:
             acc.setdefault("_matched", []).append(align.n_matched)
-            acc.setdefault("_words", []).append(align.n_words)
+            acc.setdefault("_words", []).append(align.n_words + align.n_dropped)
+            acc.setdefault("_dropped", []).append(align.n_dropped)
             acc.setdefault("_ambiguous", []).append(align.n_ambiguous)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -315,6 +316,7 @@ class LavenderTrainer(Trainer):
             words = sum(acc.get("_words", []))
             logs["match_rate"] = (sum(acc.get("_matched", [])) / words) if words else 0.0
             logs["ambiguous_rate"] = (sum(acc.get("_ambiguous", [])) / words) if words else 0.0
+            logs["words_dropped"] = sum(acc.get("_dropped", []))
             logs["skipped_records"] = len(getattr(self.data_collator, "skipped", []))
         super().log(logs, start_time)
 

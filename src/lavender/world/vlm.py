@@ -191,8 +191,8 @@ def encode(processor: Any, images: Sequence[Any], conversations: Sequence[list[d
     batch = processor(text=[lay.text for lay in lays], images=[[im] for im in images], padding=True,
                       return_tensors="pt", add_special_tokens=adds_special_tokens(processor.tokenizer, lays[0].text))
     lengths = batch["attention_mask"].sum(1).tolist()
-    for lay, n in zip(lays, lengths):
-        lay.shift = n - len(lay.token_ids)  # image-token expansion (LLaVA) before the text tail
+    for b, (lay, n) in enumerate(zip(lays, lengths)):
+        lay.align_to(batch["input_ids"][b, :n].tolist())  # image-token expansion (LLaVA); right padding
     batch["labels"] = labels_for_batch(batch["input_ids"], [label_positions(lay) for lay in lays])
     return dict(batch)
 
