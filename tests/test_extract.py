@@ -246,7 +246,7 @@ def test_two_processes_equal_one(tmp_path):
 
 def test_layers_option_reads_only_the_named_modules(tmp_path):
     data = write_images_and_records(tmp_path / "data", 1)
-    assert _extract(data, tmp_path / "one", "--layers", "down_blocks.0") == 0
+    assert _extract(data, tmp_path / "one", "--layers", "down_blocks.0", "--resolutions", "16") == 0
     captured = AttentionStore(tmp_path / "one").manifest["captured_modules"]
     assert captured and all(k.startswith("down_blocks.0") for k in captured)
     assert _extract(data, tmp_path / "all") == 0
@@ -254,3 +254,76 @@ def test_layers_option_reads_only_the_named_modules(tmp_path):
     assert len(full.manifest["captured_modules"]) > len(captured)
     assert not np.allclose(full.get("img_000")["maps"], AttentionStore(tmp_path / "one").get("img_000")["maps"])
     assert _extract(data, tmp_path / "bad", "--layers", "no_such_block") != 0
+
+
+@pytest.mark.parametrize("spacing,offset", [("leading", 1), ("leading", 0), ("trailing", 0), ("linspace", 0)])
+def test_denoising_grid_follows_the_scheduler_config(spacing, offset):
+    """The grid is the checkpoint scheduler's own (diffusers' set_timesteps), not SD's hard-coded one."""
+    from diffusers import DDIMScheduler
+
+    from lavender.diffusion.inversion import NoiseSchedule
+
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=offset, timestep_spacing=spacing)
+    ns = NoiseSchedule.from_scheduler(sched)
+    for steps in (10, 25, 7):
+        sched.set_timesteps(steps)
+        assert ns.denoising_grid(steps)[:-1] == sched.timesteps.tolist(), (spacing, steps)
+    assert ns.alpha(-1) == pytest.approx(float(sched.final_alpha_cumprod))
+
+
+@pytest.mark.parametrize("name,extra", [("EulerDiscreteScheduler", {}), ("PNDMScheduler", {"skip_prk_steps": True}),
+                                        ("DPMSolverMultistepScheduler", {}),
+                                        ("DDIMScheduler", {"prediction_type": "v_prediction"})])
+def test_other_schedulers_extract(tmp_path, name, extra):
+    """Checkpoints saved with Euler (SDXL's default, many SD-1.x fine-tunes), PNDM, DPM-Solver or a
+    v-prediction config extract; the clean end is alphas_cumprod[0] where the scheduler has no final alpha."""
+    import shutil
+
+    import diffusers
+
+    dm = tmp_path / "dm"
+    shutil.copytree(tiny_dm_path(), dm)
+    base = diffusers.DDIMScheduler.from_pretrained(dm / "scheduler")
+    _swap_scheduler(dm, getattr(diffusers, name).from_config(base.config, **extra))
+    data = write_images_and_records(tmp_path / "data", 2)
+    assert main(["extract", "--dm", str(dm), "--data", str(data), "--out", str(tmp_path / "out"), *FAST]) == 0
+    assert len(_all_maps(tmp_path / "out")) == 2
+    from lavender.diffusion.extract import DiffusionModel
+
+    assert type(diffusers.DiffusionPipeline.from_pretrained(dm).scheduler).__name__ == name
+    assert DiffusionModel(str(dm)).prediction_type == extra.get("prediction_type", "epsilon")
+
+
+def _swap_scheduler(dm: Path, scheduler) -> None:
+    """Save ``scheduler`` as the pipeline's, and name its class in model_index.json (what loading reads)."""
+    scheduler.save_pretrained(dm / "scheduler")
+    index = json.loads((dm / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    (dm / "model_index.json").write_text(json.dumps(index))
+
+
+def test_a_flow_matching_scheduler_is_refused_with_one_line(tmp_path, capsys):
+    import shutil
+
+    import diffusers
+
+    dm = tmp_path / "dm"
+    shutil.copytree(tiny_dm_path(), dm)
+    _swap_scheduler(dm, diffusers.FlowMatchEulerDiscreteScheduler())
+    data = write_images_and_records(tmp_path / "data", 1)
+    assert main(["extract", "--dm", str(dm), "--data", str(data), "--out", str(tmp_path / "out"), *FAST]) != 0
+    err = capsys.readouterr().err
+    assert "no alphas_cumprod" in err and "Traceback" not in err
+
+
+def test_a_resolution_no_selected_module_reads_is_an_error(tmp_path, capsys):
+    """--resolutions 8 16 with --layers naming only a 16-side module would average only that one while
+    listing both sides: refused in one line; a consistent choice records its modules per resolution."""
+    data = write_images_and_records(tmp_path / "data", 1)
+    assert _extract(data, tmp_path / "bad", "--layers", "down_blocks.0") != 0
+    err = capsys.readouterr().err
+    assert "select no cross-attention module at side" in err and "Traceback" not in err
+    assert _extract(data, tmp_path / "ok", "--layers", "down_blocks.0", "down_blocks.1") == 0
+    by_res = AttentionStore(tmp_path / "ok").manifest["modules_by_resolution"]
+    assert set(by_res) == {"8", "16"} and all(by_res.values())

@@ -180,6 +180,12 @@ def install_capture(unet, store: AttentionAccumulator, sides_by_key: dict[str, i
         if not picked:
             raise ValueError(f"--layers {layers} match no cross-attention module at --resolutions "
                              f"{store.sides}; modules there: {sorted(k.rsplit('.processor', 1)[0] for k in chosen)}")
+        empty = [s for s in store.sides if s not in picked.values()]
+        if empty:
+            raise ValueError(f"--layers {layers} select no cross-attention module at side {empty} of --resolutions "
+                             f"{store.sides} (a resolution would be listed but never read); drop it from "
+                             f"--resolutions or add one of its modules: "
+                             f"{sorted(k.rsplit('.processor', 1)[0] for k, s in chosen.items() if s in empty)}")
         chosen = picked
     procs = {k: (CaptureCrossAttnProcessor(store, chosen[k]) if k in chosen else AttnProcessor2_0())
              for k in unet.attn_processors}

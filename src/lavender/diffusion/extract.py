@@ -171,6 +171,8 @@ class Extractor:
             "map_size": c.map_size,
             "resolutions": c.resolutions,
             "captured_modules": self.captured,
+            "modules_by_resolution": {str(side): [k for k in self.captured if self.sides[k] == side]
+                                      for side in c.resolutions},
             "normalization": c.normalize,
             "frame": {"mode": c.frame, **({"fill": list(PAD_FILL), "anchor": "center"} if c.frame == "pad" else {})},
             "text": {"source": "align_text, else caption, else conversation", "qa_text": c.qa_text,

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lavender.diffusion.capture import AttentionAccumulator
@@ -37,27 +38,58 @@ from lavender.diffusion.capture import AttentionAccumulator
 EpsFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
 
+SPACINGS = ("leading", "trailing", "linspace")
+
+
 @dataclass
 class NoiseSchedule:
-    """The scheduler's cumulative alphas; ``alpha(-1)`` is the clean end of the chain."""
+    """The checkpoint's noise schedule: cumulative alphas, the clean end, the timestep grid's rule.
+
+    ``alpha(-1)`` is the clean end of the chain: 1.0 when the scheduler config sets
+    ``set_alpha_to_one``, else ``alphas_cumprod[0]`` (SD's DDIM config; also what schedulers without
+    that option, e.g. Euler and DPM-Solver, start from).
+    """
 
     alphas_cumprod: torch.Tensor
     final_alpha: float
     num_train_timesteps: int
+    spacing: str = "leading"
+    steps_offset: int = 1
 
     @classmethod
     def from_scheduler(cls, scheduler) -> NoiseSchedule:
-        return cls(scheduler.alphas_cumprod.double(), float(scheduler.final_alpha_cumprod),
-                   int(scheduler.config.num_train_timesteps))
+        """From any diffusers scheduler with a DDPM-style schedule (DDIM, PNDM, Euler, DPM-Solver, ...):
+        the training betas (as the scheduler computed ``alphas_cumprod`` from its config), the final
+        alpha, ``timestep_spacing`` and ``steps_offset`` of its config. Flow-matching schedulers have
+        no ``alphas_cumprod`` and get a clear error."""
+        ac = getattr(scheduler, "alphas_cumprod", None)
+        name = type(scheduler).__name__
+        if ac is None:
+            raise ValueError(f"{name} has no alphas_cumprod: Stage 1's recipes need a DDPM-style noise schedule "
+                             "(DDIM, PNDM, Euler, DPM-Solver, ...)")
+        cfg = scheduler.config
+        spacing = cfg.get("timestep_spacing", "leading")
+        if spacing not in SPACINGS:
+            raise ValueError(f"{name}: timestep_spacing {spacing!r} is not supported; one of {', '.join(SPACINGS)}")
+        ac = torch.as_tensor(ac).double()
+        final = 1.0 if cfg.get("set_alpha_to_one", False) else float(ac[0])
+        return cls(ac, final, int(cfg.num_train_timesteps), spacing, int(cfg.get("steps_offset", 0) or 0))
 
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
 
     def denoising_grid(self, steps: int) -> list[int]:
-        """Descending timesteps of a ``steps``-step DDIM grid ("leading" spacing + offset 1, as SD's config),
-        followed by -1 (clean)."""
-        stride = self.num_train_timesteps // steps
-        return [i * stride + 1 for i in reversed(range(steps))] + [-1]
+        """Descending timesteps of a ``steps``-step grid by the scheduler config's rule (as diffusers'
+        ``DDIMScheduler.set_timesteps`` builds it), followed by -1 (clean). SD-1.x's config ("leading",
+        offset 1) at 10 steps: 901, 801, …, 1."""
+        n = self.num_train_timesteps
+        if self.spacing == "leading":
+            grid = [i * (n // steps) + self.steps_offset for i in reversed(range(steps))]
+        elif self.spacing == "trailing":
+            grid = [int(t) - 1 for t in np.round(np.arange(n, 0, -n / steps))]
+        else:  # linspace
+            grid = [int(t) for t in np.linspace(0, n - 1, steps).round()[::-1]]
+        return grid + [-1]
 
     def inversion_grid(self, steps: int, t_max: int) -> list[int]:
         """-1 then ``steps`` ascending timesteps evenly up to ``t_max`` (where denoising will start)."""
