@@ -767,6 +767,8 @@ class TinyVLMConfig(Checked):
     out: str = opt(dataclasses.MISSING, "output folder (created; existing files are overwritten)", positional=True,
                    metavar="OUT")
     seed: int = opt(0, "seed of the random weights")
+    real_format: bool = opt(False, "use a tokenizer and chat template that speak the family's RELEASED format "
+                            "(lavender.vlm.formats) instead of the simple word-level one")
 
     def __post_init__(self) -> None:
         self.check_choices()

@@ -18,6 +18,13 @@ CONFIGS = (TinyVLMConfig,)
 def main(args: TinyVLMConfig) -> int:
     from lavender.vlm.families import families
 
-    families()[args.arch].make_tiny(args.out, seed=args.seed)
-    print(f"wrote a tiny {args.arch} model and its processor to {args.out}")
+    if args.real_format:
+        from lavender.vlm.formats import build_tiny_real_format
+        from lavender.vlm.tiny import save_tiny
+
+        save_tiny(*build_tiny_real_format(args.arch, seed=args.seed), args.out)
+    else:
+        families()[args.arch].make_tiny(args.out, seed=args.seed)
+    fmt = " (released chat format)" if args.real_format else ""
+    print(f"wrote a tiny {args.arch} model and its processor{fmt} to {args.out}")
     return 0
