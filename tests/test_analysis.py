@@ -61,6 +61,7 @@ def test_analyze_command_on_a_tiny_model(tiny_vlm, tmp_path) -> None:
                 "--model", tiny_vlm("llava"), "--out", str(tmp_path / "an")]) == 0
     res = json.loads((tmp_path / "an/analysis.json").read_text())
     assert res["alignment"]["words"] == 9
+    assert res["words"] == {"words": 9, "matched": 9, "dropped": 0, "skipped_records": 0, "match_rate": 1.0}
     assert res["alignment"]["entropy_dm"]["mean"] == pytest.approx(0.0, abs=1e-6)
     assert 0.5 < res["alignment"]["entropy_vlm"]["mean"] <= 1.0  # a random VLM attends diffusely
     assert (tmp_path / "an/word_maps.png").exists() and (tmp_path / "an/entropy.png").exists()

@@ -90,8 +90,12 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 # --- VLM word maps through the training code path --------------------------------------------------
 @torch.no_grad()
 def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence[Any], store: Any,
-                      alignment: Any = None, *, batch_size: int = 8) -> list[dict[str, Any]]:
+                      alignment: Any = None, *, batch_size: int = 8,
+                      counts: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Per matched word of ``records``: ``{id, word, dm_index, vlm (S,S) raw, dm (S,S), sink_mass}``.
+
+    ``counts`` (a dict, filled in place): ``words`` read, ``matched``, ``dropped`` (words of the text
+    to align that reached no row, as in training's ``words_dropped``) and ``skipped_records``.
 
     Reads the VLM exactly as training does (the collator, the capture, ``alignment`` — a
     :class:`lavender.config.AlignmentConfig`, default: its defaults with ``mean-mean``). ``vlm`` is
@@ -115,6 +119,9 @@ def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence
             batch = collator(chunk)
             align = batch.pop("lavender")
             ids = [r.id for r in chunk if r.id not in {sid for sid, _ in collator.skipped}]
+            if counts is not None:
+                for key, n in (("words", align.n_words), ("matched", align.n_matched), ("dropped", align.n_dropped)):
+                    counts[key] = counts.get(key, 0) + int(n)
             if not align.n_matched:
                 continue
             capture.arm(align.plan)
@@ -132,6 +139,8 @@ def collect_word_maps(model: Any, processor: Any, family: Any, records: Sequence
     finally:
         capture.clear()
         disable_capture(model, family)
+    if counts is not None:
+        counts["skipped_records"] = len(collator.skipped)
     return out
 
 

@@ -57,8 +57,13 @@ def main(args: AnalyzeConfig, alignment: AlignmentConfig) -> int:
         records = records[: args.limit]
         model, processor, family = load_vlm(args.model)
         model.eval()
-        rows = collect_word_maps(model, processor, family, records, store, alignment, batch_size=args.batch_size)
+        counts: dict[str, int] = {}
+        rows = collect_word_maps(model, processor, family, records, store, alignment, batch_size=args.batch_size,
+                                 counts=counts)
+        total = counts.get("words", 0) + counts.get("dropped", 0)
+        counts["match_rate"] = counts.get("matched", 0) / total if total else 0.0  # dropped words count too
         result["model"] = args.model
+        result["words"] = counts
         result["alignment_config"] = alignment.to_dict()
         result["alignment"] = alignment_stats(rows)
         groups = {"DM (matched words)": normalized_entropy(np.stack([r["dm"] for r in rows])) if rows else [],
