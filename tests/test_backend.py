@@ -248,3 +248,38 @@ def test_row_chunks_give_the_same_maps_and_grads(arch: str, checkpointing: bool,
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_keys_no_row_may_see_are_dropped_without_changing_maps_or_grads(float_mask: bool) -> None:
+    """Mllama's padding tiles are masked for every row: the slice skips those keys (the cost), and the
+    probabilities and gradients equal a softmax over ALL keys computed by hand."""
+    from lavender.vlm.backend import attention_slice
+
+    g = torch.Generator().manual_seed(0)
+    bsz, heads, kv, t_len, s_len, dim = 2, 4, 2, 6, 40, 8
+    q = torch.randn(bsz, heads, t_len, dim, generator=g, requires_grad=True)
+    k = torch.randn(bsz, kv, s_len, dim, generator=g, requires_grad=True)
+    allowed = torch.ones(bsz, 1, t_len, s_len, dtype=torch.bool)
+    allowed[..., 10:30] = False  # dead for every row of the batch (two of four "tiles")
+    allowed[1, :, :, 30:34] = False  # dead for one sample only: kept as columns, masked per sample
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min) if float_mask else allowed
+    keys = torch.tensor([[0, 5, 12, 31, 39], [1, 15, 30, 33, 38]])
+    plan = CapturePlan([0], torch.tensor([[5, 4, 3], [5, 2, 0]]), torch.tensor([[True] * 3, [True, True, False]]),
+                       keys, torch.ones_like(keys, dtype=torch.bool))
+    got = attention_slice(q, k, mask, plan)
+    kk = k.repeat_interleave(heads // kv, dim=1)
+    scores = (q @ kk.transpose(-1, -2)) * dim**-0.5
+    probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(torch.float32).min), -1)
+    want = torch.zeros_like(got)
+    for b in range(bsz):
+        for i, r in enumerate(plan.rows[b].tolist()):
+            if plan.row_valid[b, i]:
+                want[b, :, i] = probs[b, :, r, keys[b]]
+    torch.testing.assert_close(got, want)
+    assert got[0, :, :, 2].abs().max() == 0 and got[1, :, :, 1].abs().max() == 0  # dead keys: probability 0
+    w = torch.randn(got.shape, generator=g)
+    gq, gk = torch.autograd.grad((got * w).sum(), (q, k))
+    wq, wk = torch.autograd.grad((want * w).sum(), (q, k))
+    torch.testing.assert_close(gq, wq)
+    torch.testing.assert_close(gk, wk)

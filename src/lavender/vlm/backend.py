@@ -165,30 +165,43 @@ def attention_slice(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     rows = plan.rows.to(query.device)
     n_rows = rows.shape[1]
     scaling = dim**-0.5 if scaling is None else scaling
+    keys = plan.keys.to(query.device)
+    key_valid = plan.key_valid.to(query.device)
+    m_rows = None
+    if mask is not None:
+        m = mask[..., :s_len]  # (Bm, Hm, Tm, S); Bm, Tm may be 1 (broadcast)
+        m = m.expand(bsz, m.shape[1], t_len, s_len)  # a view, no copy
+        m_rows = m.gather(2, rows[:, None, :, None].expand(bsz, m.shape[1], n_rows, s_len))  # (B, Hm, R, S)
+        # keys no row of the batch may see (Mllama's padding tiles: 3 of 4 slots for a one-tile image)
+        # get exactly 0 probability: dropping them before the scores changes nothing but the cost
+        allowed = m_rows if m_rows.dtype == torch.bool else m_rows > torch.finfo(m_rows.dtype).min / 2
+        live = allowed.flatten(0, 2).any(0)  # (S,)
+        if bool(live.any()) and not bool(live.all()):
+            cols = live.nonzero().squeeze(1)
+            new_index = torch.cumsum(live.long(), 0) - 1
+            key = key.index_select(2, cols)
+            m_rows = m_rows.index_select(3, cols)
+            key_valid = key_valid & live[keys]
+            keys = torch.where(live[keys], new_index[keys], torch.zeros_like(keys))
     # gather the R query rows: (B, H, R, D)
     q = query.gather(2, rows[:, None, :, None].expand(bsz, heads, n_rows, dim))
     # GQA without materialising repeat_kv: group g of kv head j is query head j * groups + g
     q = q.reshape(bsz, kv_heads, groups * n_rows, dim)  # (B, Hkv, G*R, D)
-    scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # (B, Hkv, G*R, S)
-    scores = scores.reshape(bsz, heads, n_rows, s_len)  # (B, H, R, S)
+    scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # (B, Hkv, G*R, S')
+    scores = scores.reshape(bsz, heads, n_rows, key.shape[2])  # (B, H, R, S')
     neg = torch.finfo(scores.dtype).min
-    if mask is None:
+    if m_rows is None:
         if causal:
             # queries are the last T positions of S keys (S == T without a cache)
             allowed = torch.arange(s_len, device=scores.device)[None, :] <= (rows + (s_len - t_len))[..., None]
             scores = scores.masked_fill(~allowed[:, None], neg)  # allowed: (B, R, S)
+    elif m_rows.dtype == torch.bool:
+        scores = scores.masked_fill(~m_rows, neg)
     else:
-        m = mask[..., :s_len]  # (Bm, Hm, Tm, S); Bm, Tm may be 1 (broadcast)
-        m = m.expand(bsz, m.shape[1], t_len, s_len)  # a view, no copy
-        m_rows = m.gather(2, rows[:, None, :, None].expand(bsz, m.shape[1], n_rows, s_len))  # (B, Hm, R, S)
-        if m_rows.dtype == torch.bool:
-            scores = scores.masked_fill(~m_rows, neg)
-        else:
-            scores = scores + m_rows.float()
-    probs = torch.softmax(scores, dim=-1)  # over ALL keys, as the model does
-    keys = plan.keys.to(query.device)
+        scores = scores + m_rows.float()
+    probs = torch.softmax(scores, dim=-1)  # over all keys a row may see, as the model does
     out = probs.gather(3, keys[:, None, None, :].expand(bsz, heads, n_rows, keys.shape[1]))  # (B, H, R, K)
-    valid = plan.row_valid.to(out.device)[:, None, :, None] & plan.key_valid.to(out.device)[:, None, None, :]
+    valid = plan.row_valid.to(out.device)[:, None, :, None] & key_valid[:, None, None, :]
     return out * valid
 
 
