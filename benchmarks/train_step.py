@@ -41,17 +41,21 @@ def build_model(out: Path, layers: int, seed: int = 0) -> None:
     families()["mllama"].make_tiny(str(out), seed=seed, sizes=sizes)
 
 
-def build_data(root: Path, n: int, text_tokens: int) -> tuple[Path, Path]:
+def build_data(root: Path, n: int, text_tokens: int, tiles: int = 1) -> tuple[Path, Path]:
+    """``n`` records with ``text_tokens`` answer words; images fill ``tiles`` 560-px tiles (1: 560×560;
+    4: 1120×1120, a 2×2 canvas; 2: 1120×560)."""
     from lavender.attnstore import AttentionWriter
     from lavender.words import split_words
 
+    side = {1: (560, 560), 2: (1120, 560), 4: (1120, 1120)}[tiles]
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     words = "a red circle and a blue square left of the green triangle".split()
     answer = " ".join(words[i % len(words)] for i in range(text_tokens))
     writer = AttentionWriter(root / "attn", {"map_size": 32, "frame": {"mode": "squash"}})
     rows = []
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (560, 560, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (side[1], side[0], 3), dtype=np.uint8)).save(root / f"{i}.png")
         rows.append({"id": f"b{i}", "images": [f"{i}.png"], "messages": [
             {"role": "user", "content": "<image>Describe the image."}, {"role": "assistant", "content": answer}]})
         ws = split_words(answer)
@@ -83,7 +87,10 @@ def saved_bytes(fn) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--text-tokens", type=int, default=128, help="answer words (≈ tokens) per record")
+    p.add_argument("--text-tokens", type=int, nargs="+", default=[128],
+                   help="answer words (≈ tokens) per record; two or more values fit the per-word cost model")
+    p.add_argument("--tiles", type=int, nargs="+", default=[1], choices=(1, 2, 4),
+                   help="560-px tiles the image fills (real images use 2–4)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu")
@@ -91,20 +98,40 @@ def main() -> None:
     p.add_argument("--aggregation", default="heads", help="Lavender arm's aggregation (default: the trainer's)")
     p.add_argument("--capture-chunk-mib", type=float, default=None,
                    help="AttentionCapture.chunk_bytes in MiB (default: the capture's; a huge value = unchunked)")
+    p.add_argument("--json", default=None, help="also write the measurements and the cost model here")
     args = p.parse_args()
-
-    from lavender.config import AlignmentConfig, TrainConfig
-    from lavender.trainer import build_trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="lav_bench_"))
     build_model(tmp / "model", args.layers)
-    data, attn = build_data(tmp, args.batch_size, args.text_tokens)
+    print(f"Mllama text width 4096/32 heads/8 KV, {args.layers} layers (the last cross-attention, the one "
+          f"watched), 1601 vision tokens per tile, aggregation {args.aggregation}, batch {args.batch_size}, "
+          f"{args.dtype} on {args.device}, LoRA; median of {args.repeat}, arms alternating")
+    results = []
+    for tiles in args.tiles:
+        for words in args.text_tokens:
+            results.append(measure(args, tmp, tiles, words))
+    model = cost_model(results, args.layers)
+    if model:
+        print(model["text"])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results,
+                                               "cost_model": {k: v for k, v in (model or {}).items() if k != "text"}},
+                                              indent=2))
+
+
+def measure(args: argparse.Namespace, tmp: Path, tiles: int, words: int) -> dict:
+    """Both arms on one batch of ``words``-word answers over ``tiles``-tile images."""
+    from lavender.config import AlignmentConfig, TrainConfig
+    from lavender.trainer import build_trainer
+
+    data, attn = build_data(tmp / f"t{tiles}_w{words}", args.batch_size, words, tiles)
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     arms = {}
     for name, lam in (("lambda0", 0.0), ("lavender", 10.0)):
         targs = TrainConfig(model=str(tmp / "model"), data=str(data), attention=str(attn),
-                            output_dir=str(tmp / name), lambda_att=lam, per_device_train_batch_size=args.batch_size,
+                            output_dir=str(tmp / f"{name}_t{tiles}_w{words}"), lambda_att=lam,
+                            per_device_train_batch_size=args.batch_size,
                             use_cpu=args.device == "cpu", report_to="none", disable_tqdm=True)
         trainer = build_trainer(targs, AlignmentConfig(aggregation=args.aggregation))
         if trainer.capture is not None and args.capture_chunk_mib is not None:
@@ -150,15 +177,75 @@ def main() -> None:
             times[name].append(ms)
             mems[name] = mem
     med = {n: statistics.median(v) for n, v in times.items()}
-    n_words = int(arms["lavender"][1]["lavender"].n_matched)
-    print(f"Mllama text width 4096/32 heads/8 KV, {args.layers} layers (last cross-attention), 1601 vision tokens, "
-          f"{args.text_tokens} answer words ({n_words} matched maps), aggregation {args.aggregation}, "
-          f"batch {args.batch_size}, {args.dtype} on "
-          f"{args.device}, LoRA; median of {args.repeat}, arms alternating")
+    align = arms["lavender"][1]["lavender"]
+    n_words = int(align.n_matched)
+    n_tiles = int(arms["lambda0"][1]["aspect_ratio_mask"].sum()) if "aspect_ratio_mask" in arms["lambda0"][1] \
+        else tiles
+    print(f"{tiles} tile(s) ({n_tiles} valid), {words} answer words ({n_words} matched maps):")
     for n in arms:
         print(f"  {n:9s} {med[n]:10.1f} ms   {mems[n] / 2**20:9.1f} MiB   runs {[round(x) for x in times[n]]}")
-    print(f"  ratio lavender/lambda0: time {med['lavender'] / med['lambda0']:.3f}, "
-          f"memory {mems['lavender'] / max(mems['lambda0'], 1):.3f}")
+    r_t, r_m = med["lavender"] / med["lambda0"], mems["lavender"] / max(mems["lambda0"], 1)
+    print(f"  ratio lavender/lambda0: time {r_t:.3f}, memory {r_m:.3f}")
+    for trainer, _ in arms.values():
+        del trainer
+    return {"tiles": tiles, "valid_tiles": n_tiles, "words": words, "matched": n_words,
+            "ms": med, "runs_ms": times, "bytes": mems, "time_ratio": r_t, "memory_ratio": r_m}
+
+
+# The models the cost model extrapolates to: (text layers, watched layers, tokens per image tile or image)
+REAL = {"Llama-3.2-11B-Vision (40 layers, its 8 cross-attention layers watched, 4 tiles)": (40, 8, 4),
+        "LLaVA-1.5-7B (32 layers, 6 watched, 576 image tokens ≈ 0.36 tile)": (32, 6, 576 / 1601)}
+
+
+def cost_model(results: list[dict], layers: int) -> dict | None:
+    """Fit Lavender's extra cost per watched layer as ``a + b·words`` (per tile count), and predict the
+    ratio for real models from it.
+
+    Assumptions, stated because they bound the prediction: the benchmark watches ONE layer; the plain
+    step's time is split evenly over its ``layers`` text layers (the narrow random vision tower is
+    not counted, so a real model's base time is UNDER-estimated and the predicted ratio is an upper
+    bound); the extra of a watched layer scales with tiles as measured between tile counts (or
+    linearly in valid keys when one tile count was run).
+    """
+    by_tiles: dict[int, list[dict]] = {}
+    for r in results:
+        by_tiles.setdefault(r["valid_tiles"], []).append(r)
+    fits = {}
+    for tiles, rs in by_tiles.items():
+        if len({r["matched"] for r in rs}) < 2:
+            continue
+        w = np.array([r["matched"] for r in rs], dtype=float)
+        for what, key in (("ms", "ms"), ("bytes", "bytes")):
+            extra = np.array([r[key]["lavender"] - r[key]["lambda0"] for r in rs], dtype=float)
+            b, a = np.polyfit(w, extra, 1)
+            fits.setdefault(tiles, {})[what] = {"fixed": float(a), "per_word": float(b)}
+        fits[tiles]["base_ms_per_layer"] = float(np.mean([r["ms"]["lambda0"] for r in rs]) / layers)
+        fits[tiles]["base_bytes_per_layer"] = float(np.mean([r["bytes"]["lambda0"] for r in rs]) / layers)
+    if not fits:
+        return None
+    lines = ["cost model (extra of ONE watched layer = fixed + per_word × words; from the runs above):"]
+    for tiles, f in sorted(fits.items()):
+        lines.append(f"  {tiles} tile(s): time {f['ms']['fixed']:.1f} ms + {f['ms']['per_word']:.3f} ms/word; "
+                     f"memory {f['bytes']['fixed'] / 2**20:.1f} MiB + {f['bytes']['per_word'] / 2**20:.3f} MiB/word")
+    predictions = {}
+    known = sorted(fits)
+    for name, (n_layers, watched, tiles) in REAL.items():
+        for words in (64, 256):
+            # per-layer quantities at ``tiles``: interpolate between measured tile counts, else scale by keys
+            def at(key: str, sub: str | None = None, tiles: float = tiles) -> float:
+                vals = [fits[t][key][sub] if sub else fits[t][key] for t in known]
+                if len(known) == 1 or tiles < known[0]:  # below the runs: scale by the number of keys
+                    return vals[0] * (tiles / known[0] if sub else 1.0)
+                return float(np.interp(tiles, known, vals))
+            extra_t = watched * (at("ms", "fixed") + at("ms", "per_word") * words)
+            extra_m = watched * (at("bytes", "fixed") + at("bytes", "per_word") * words)
+            base_t, base_m = n_layers * at("base_ms_per_layer"), n_layers * at("base_bytes_per_layer")
+            predictions[f"{name}, {words} words"] = {"time_ratio": 1 + extra_t / base_t,
+                                                     "memory_ratio": 1 + extra_m / base_m}
+    lines.append("predicted Lavender / plain fine-tuning (upper bounds: see cost_model's docstring):")
+    for k, v in predictions.items():
+        lines.append(f"  {k}: time {v['time_ratio']:.3f}, memory {v['memory_ratio']:.3f}")
+    return {"fits": fits, "predictions": predictions, "text": "\n".join(lines)}
 
 
 if __name__ == "__main__":
