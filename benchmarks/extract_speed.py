@@ -145,6 +145,9 @@ def main() -> None:
                     help="device of both runs (default: cuda if available, else cpu)")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                     help="lavender extract's compute dtype (default float32); the reference is always float32")
+    ap.add_argument("--also", nargs="*", default=[], choices=("nulltext", "noise"),
+                    help="also time these recipes (lavender only; no reference): images/s and UNet evaluations")
+    ap.add_argument("--json", default=None, help="write the figures here too")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,6 +216,18 @@ def _run(args: argparse.Namespace, work: Path) -> None:
     print(f"speed-up ratio: {fast / slow:.2f}x")
     print(f"maps vs reference: worst difference {worst:.1e}, mean {mean:.1e}; bound on the {stat}: {tol:.0e} "
           f"({'half-precision compute and storage' if half else 'float16 storage'})")
+    figures = {"device": dev_name, "architecture": args.architecture, "dtype": args.dtype, "images": len(records),
+               "batch_size": args.batch_size, "ddim_images_per_s": fast, "reference_images_per_s": slow,
+               "speedup": fast / slow, "maps_worst_diff": worst, "maps_mean_diff": mean,
+               "unet_evals_per_image": {"ddim": summary.get("unet_evals_per_image")}}
+    for recipe in args.also:
+        extra = run_extract(ExtractConfig(out=str(work / f"attn-{recipe}"), recipe=recipe, **shared), progress=False)
+        figures[f"{recipe}_images_per_s"] = extra["images_per_s"]
+        figures["unet_evals_per_image"][recipe] = extra.get("unet_evals_per_image")
+        print(f"lavender extract --recipe {recipe}: {extra['images_per_s']:.2f} images/s "
+              f"({extra.get('unet_evals_per_image')} UNet evaluations/image)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
     # checked after the timings are printed, so a half-precision mismatch still reports the speeds
     assert value < tol, f"maps differ from the reference: {stat} {value:.3g} (≥ {tol})"
 
