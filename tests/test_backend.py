@@ -43,7 +43,7 @@ def make_batch(arch: str, path: str, n: int, padding_side: str) -> tuple[dict, t
                 {"role": "assistant", "content": [{"type": "text", "text": TEXTS[i % 3]}]}]
         texts.append(proc.apply_chat_template(msgs, tokenize=False))
         images.append(_image(i, SIZES[i % 3]))
-    nested = arch in ("mllama", "idefics3")
+    nested = True  # every supported processor takes one list of images per sample
     inputs = proc(images=[[im] for im in images] if nested else images, text=texts, padding=True,
                   return_tensors="pt")
     # image_grids needs the original sizes and the processor's resize settings (Idefics3)

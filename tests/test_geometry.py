@@ -192,6 +192,27 @@ def test_qwen2_vl_non_square(tiny_vlm, size):
         check_grid(grid, patch_of_key, processor.image_processor)
 
 
+@pytest.mark.parametrize("size", [(150, 40), (40, 170), (20, 24), (56, 56)])
+def test_gemma3_squashed_whole_image_pooled(tiny_vlm, size):
+    """Gemma 3: the whole image resized to 56×56 (squashed), SigLIP 7-px patches pooled 2×2 into 4×4
+    soft tokens, row-major; two images in one sample (multi-image records)."""
+    fam, processor, config = load(tiny_vlm, "gemma3")
+    inputs = processor(images=[[index_image(*size), index_image(*size)]], text=[chat(processor, 2)],
+                       return_tensors="pt")
+    grids = fam.image_grids(inputs, [[size, size]], config, processor)
+    assert [(g.rows, g.cols) for g in grids] == [(4, 4), (4, 4)]
+    assert grids[0].covers == (0.0, 0.0, float(size[0]), float(size[1]))
+    assert int(grids[1].key_index.min()) > int(grids[0].key_index.max())  # the second image's own tokens
+    rank = rank_of(inputs["input_ids"][0], config.image_token_id)
+    pv = inputs["pixel_values"].numpy()  # (2, 3, 56, 56)
+    for j, grid in enumerate(grids):
+        def patch_of_key(key: int, j=j) -> np.ndarray:
+            pr, pc = divmod(rank[key] - 16 * j, 4)  # pooled token = a 14-px block (2×2 patches of 7 px)
+            return pv[j, :, pr * 14:(pr + 1) * 14, pc * 14:(pc + 1) * 14]
+
+        assert check_grid(grid, patch_of_key, processor.image_processor) == 16
+
+
 @pytest.mark.parametrize("size,layout", [((100, 40), (1, 2)), ((90, 100), (2, 2)), ((30, 100), (2, 1)),
                                          ((40, 40), (2, 2))])
 def test_idefics3_split_image(tiny_vlm, size, layout):

@@ -29,7 +29,8 @@ from lavender.words import split_words
 FAMILIES = sorted(TEMPLATES)
 # the text the released template writes right after an assistant message (LLaVA-1.5: none; the
 # tokenizer's EOS is trained instead, as LLaVA-1.5 was trained)
-END_OF_TURN = {"mllama": "<|eot_id|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
+END_OF_TURN = {"mllama": "<|eot_id|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>",
+               "gemma3": "<end_of_turn>"}
 
 U, A, S = "user", "assistant", "system"
 CONVERSATIONS = {
@@ -146,6 +147,8 @@ RENDERED = {
                  "<|im_end|>\n"),
     "idefics3": ("<|begin_of_text|>User:<image>What colour is the circle?<end_of_utterance>\nAssistant: Red."
                  "<end_of_utterance>\n"),
+    "gemma3": ("<bos><start_of_turn>user\n<start_of_image>What colour is the circle?<end_of_turn>\n"
+               "<start_of_turn>model\nRed.<end_of_turn>\n"),
 }
 
 

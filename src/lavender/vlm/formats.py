@@ -74,6 +74,8 @@ TEMPLATES: dict[str, str] = {
         "{%- if add_generation_prompt %}{{- 'Assistant:' }}{%- endif %}"),
 }
 
+TEMPLATES["gemma3"] = ""  # filled below from the family's own template (its released format)
+
 # (pre-tokenisation, bos, eos, pad, special tokens the family's processor needs)
 _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
     "mllama": ("llama3", "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>",
@@ -84,7 +86,13 @@ _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
     "idefics3": ("llama3", "<|begin_of_text|>", "<end_of_utterance>", "<|finetune_right_pad_id|>",
                  ["<fake_token_around_image>", "<image>", "<global-img>", "<|end_of_text|>"]
                  + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]),
+    # Gemma 3: sentencepiece-style, no space prepended to the text; generation stops at <end_of_turn>
+    "gemma3": ("gemma", "<bos>", "<end_of_turn>", "<pad>",
+               ["<start_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]),
 }
+# special tokens a processor reads by NAME (Gemma3Processor: tokenizer.boi_token, .image_token, ...)
+_NAMED = {"gemma3": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                     "image_token": "<image_soft_token>", "sot_token": "<start_of_turn>"}}
 
 CORPUS = (
     "What colour is the circle? Red. What is the shape of the red object? A square. Is there a cross? Yes, "
@@ -94,6 +102,15 @@ CORPUS = (
     "Today Date: 26 Jul 2024 colour color shape left right above below yellow purple orange grey white "
     "black brown pink 0 1 2 3 4 5 6 7 8 9 10 100 2024 ' \" . , ? ! : ; - ( ) "
 )
+
+
+def _gemma3_template() -> str:
+    from lavender.vlm.families.gemma3 import GEMMA3_TEMPLATE
+
+    return GEMMA3_TEMPLATE
+
+
+TEMPLATES["gemma3"] = _gemma3_template()
 
 
 def families_with_formats() -> list[str]:
@@ -109,10 +126,11 @@ def real_format_tokenizer(family: str, vocab_size: int = 600) -> Any:
         raise ValueError(f"no released-format tokenizer for {family!r}; families: {', '.join(families_with_formats())}")
     kind, bos, eos, pad, extra = _FAMILY_TOKENS[family]
     specials = list(dict.fromkeys([bos, eos, pad, *extra]))
-    if kind == "sentencepiece":  # Llama-2 / LLaVA-1.5: '▁' marks a space, prepended to the first word
+    if kind in ("sentencepiece", "gemma"):  # '▁' marks a space (Llama-2/LLaVA-1.5: also before the text)
+        scheme = "first" if kind == "sentencepiece" else "never"
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
         specials = ["<unk>", *specials]
         alphabet = [chr(c) for c in range(32, 127)] + ["▁", "\n"]
     else:  # byte-level after the family's split regex (Llama-3, Qwen2): ' Red' is one token 'ĠRed'
@@ -125,11 +143,12 @@ def real_format_tokenizer(family: str, vocab_size: int = 600) -> Any:
     corpus = [CORPUS, CORPUS.lower(), CORPUS.upper()] * 10
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                         initial_alphabet=alphabet, show_progress=False))
+    unnamed = [t for t in extra if t not in (bos, eos, pad)]
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
-        unk_token="<unk>" if kind == "sentencepiece" else None,
-        extra_special_tokens=[t for t in extra if t not in (bos, eos, pad)])
-    if kind == "sentencepiece":  # LlamaTokenizer adds BOS itself (the llava template does not write it)
+        unk_token="<unk>" if kind in ("sentencepiece", "gemma") else None,
+        extra_special_tokens=_NAMED.get(family, unnamed))
+    if kind in ("sentencepiece", "gemma"):  # these tokenizers add BOS themselves (when the text lacks it)
         from tokenizers import processors
 
         fast._tokenizer.post_processor = processors.TemplateProcessing(
