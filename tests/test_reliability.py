@@ -220,3 +220,69 @@ def test_extract_refuses_a_folder_another_extraction_holds(tmp_path, capsys) -> 
         assert cli(args) == 1
     assert "in use by another extraction" in capsys.readouterr().err
     assert cli(args) == 0  # released: the same command now runs
+
+
+# ------------------------------------------------------------------ content-addressed resume (Stage 1)
+def test_resume_recomputes_changed_records_and_keys_id_less_rows_by_content(tmp_path, capsys):
+    """An edited record (same id) and a rewritten image are recomputed, never reused; a row
+    prepended to a file WITHOUT ids shifts nothing; the same DM under another path resumes."""
+    import shutil
+
+    from _stage1_fixtures import TEST_RESOLUTIONS, tiny_dm_path, write_images_and_records
+
+    from lavender.attnstore import AttentionStore
+    from lavender.cli import main
+    from lavender.commands.inspect import inspect_store
+
+    fast = ["--steps", "2", "--inversion-steps", "1", "--map-size", "8", "--no-progress", *TEST_RESOLUTIONS]
+    data = write_images_and_records(tmp_path / "d", 3)
+    out = tmp_path / "attn"
+
+    def extract(dm: str = tiny_dm_path()) -> str:
+        assert main(["extract", "--dm", dm, "--data", str(data), "--out", str(out), *fast]) == 0
+        return capsys.readouterr().out
+
+    extract()
+    before = {i: e["words"] for i, e in ((i, AttentionStore(out).entry(i)) for i in AttentionStore(out).ids())}
+    rows = [json.loads(ln) for ln in open(data)]
+    rows[1]["caption"] = "a green cross"  # edited under the same id
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(tmp_path / "d" / rows[2]["image"])  # image rewritten
+    log = extract()
+    assert "1 done" not in log and "2 done (2 of them recomputed" in log and "1 skipped" in log
+    store = AttentionStore(out)
+    assert store.entry(rows[1]["id"])["words"] == ["a", "green", "cross"] != before[rows[1]["id"]]
+    assert inspect_store(str(out))["superseded"] == 2 and inspect_store(str(out))["problems"] == []
+    # the same DM copied elsewhere: same weights, so the folder resumes (nothing to do)
+    copy = shutil.copytree(tiny_dm_path(), tmp_path / "dm_copy")
+    assert "0 done, 3 skipped" in extract(str(copy))
+
+    # rows without ids: keyed by content, so prepending a row recomputes only the new one
+    for r in rows:
+        del r["id"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "attn2"
+    extract()
+    data.write_text(json.dumps({**rows[0], "caption": "a new first row"}) + "\n" + data.read_text())
+    assert "1 done, 3 skipped" in extract()
+
+
+def test_a_different_dm_at_the_same_path_is_refused(tmp_path, capsys):
+    import shutil
+
+    from _stage1_fixtures import TEST_RESOLUTIONS, tiny_dm_path, write_images_and_records
+
+    from lavender.cli import main
+    from lavender.diffusion.tiny import make_tiny_dm
+
+    fast = ["--steps", "2", "--inversion-steps", "1", "--map-size", "8", "--no-progress", *TEST_RESOLUTIONS]
+    data = write_images_and_records(tmp_path / "d", 2)
+    dm = shutil.copytree(tiny_dm_path(), tmp_path / "dm")
+    args = ["extract", "--dm", str(dm), "--data", str(data), "--out", str(tmp_path / "attn"), *fast]
+    assert main(args) == 0
+    shutil.rmtree(dm)
+    make_tiny_dm(dm, seed=1, image_size=32)  # other weights, same path
+    capsys.readouterr()
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "different settings (dm)" in err and "Traceback" not in err

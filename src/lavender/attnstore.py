@@ -40,7 +40,7 @@ SHARDS = "shards"
 SHARD_RE = re.compile(r"^r(\d{3,})-(\d{5,})\.safetensors$")
 ERRORS_RE = re.compile(r"^errors-r(\d{3,})\.jsonl$")
 # manifest keys that may differ between a run and its resumption
-VOLATILE_KEYS = ("counts", "created", "software")
+VOLATILE_KEYS = ("counts", "created", "software", "dm_path")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -116,6 +116,10 @@ class AttentionWriter:
         """Ids already in complete shards of ANY rank (what a resumed run skips)."""
         return set(read_shard_indexes(self.out_dir))
 
+    def done_fingerprints(self) -> dict[str, str | None]:
+        """id → the fingerprint its stored maps were computed from (None: written before fingerprints)."""
+        return {id: e.get("extra", {}).get("fp") for id, (_, e) in read_shard_indexes(self.out_dir).items()}
+
     def add(self, id: str, words: list[str], offsets: list[tuple[int, int]], maps: Any,
             extra: dict | None = None) -> None:
         """Queue one example: ``maps`` is (n_words, S, S), one map per word occurrence, in ``words`` order.
@@ -188,10 +192,15 @@ def shard_entries(root: str | Path) -> Iterator[tuple[Path, dict]]:
 
 
 def read_shard_indexes(root: str | Path) -> dict[str, tuple[Path, dict]]:
-    """id → (shard path, index entry) over all complete shards; the first shard wins on a duplicate."""
+    """id → (shard path, index entry) over all complete shards.
+
+    An id stored twice keeps the copy a resumed extraction RECOMPUTED (``extra.redo``: its record or
+    image changed since the first copy was written); otherwise the first shard wins (two runs that
+    wrote one folder: ``inspect`` reports it)."""
     out: dict[str, tuple[Path, dict]] = {}
     for p, entry in shard_entries(root):
-        out.setdefault(entry["id"], (p, entry))
+        if entry["id"] not in out or entry.get("extra", {}).get("redo"):
+            out[entry["id"]] = (p, entry)
     return out
 
 

@@ -14,6 +14,7 @@ whose message names the record, the field and the fix, so a long job can log it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -102,6 +103,14 @@ def _content_text(content: Any) -> str | None:
     return None
 
 
+def content_id(row: dict) -> str:
+    """The id of a row that has none: ``"h"`` + 16 hex digits of the SHA-256 of its canonical JSON.
+
+    Stable when other rows are inserted, removed or reordered; an edited row is a new record."""
+    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return "h" + hashlib.sha256(blob).hexdigest()[:16]
+
+
 def parse_record(row: Any, index: int, base_dir: Path, source: str, images_root: str | Path | None = None
                  ) -> Record:
     """Validate one row (a decoded JSON object) into a :class:`Record`; raise :class:`RecordError`."""
@@ -109,7 +118,7 @@ def parse_record(row: Any, index: int, base_dir: Path, source: str, images_root:
         raise RecordError(index, None, f"expected a JSON object, got {type(row).__name__}")
     rid = row.get("id")
     if rid is None:
-        rid = str(index)  # rows without ids are addressed by position; stable while the file is unchanged
+        rid = content_id(row)  # by content, not position: inserting a row elsewhere shifts nothing
     elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
         raise RecordError(index, None, f"field 'id' must be a string, got {type(rid).__name__}")
     rid = str(rid)

@@ -30,7 +30,8 @@ def main(cfg: ExtractConfig) -> int:
         print(json.dumps(summary, default=str))
         return 0
     s, d = summary, summary["dataset"]
-    print(f"extract: {s['done']} done, {s['skipped']} skipped (already in {s['out']}), {s['failed']} failed, "
+    redone = f" ({s['redone']} of them recomputed: record or image changed)" if s.get("redone") else ""
+    print(f"extract: {s['done']} done{redone}, {s['skipped']} skipped (already in {s['out']}), {s['failed']} failed, "
           f"{s['truncated']} truncated texts; {s['images_per_s']:.2f} images/s over {s['processes']} "
           f"process(es), {s['unet_evals_per_image']:.1f} UNet evaluations/image, "
           f"latent reconstruction MSE {s['recon_mse']:.4g}")

@@ -36,15 +36,19 @@ def inspect_store(root: str) -> dict:
         elif minmax and m.size and (m.min() < -1e-3 or m.max() > 1 + 1e-3):
             problems.append(f"example {id!r}: values outside [0, 1] although normalization is minmax")
     seen: dict[str, str] = {}
+    superseded = 0
     for p, entry in shard_entries(root):  # the store keeps the first copy of an id; a second is a problem
         id = entry["id"]
-        if id in seen:
+        if id in seen and entry.get("extra", {}).get("redo"):
+            superseded += 1  # recomputed by a resume after its record or image changed: the new copy is read
+        elif id in seen:
             problems.append(f"example {id!r} is stored twice ({seen[id]} and {p.name}): two runs wrote "
                             "this folder; re-extract into a fresh one")
         else:
             seen[id] = p.name
     errors = store.errors()
     return {"examples": len(store), "words": words, "errors": len(errors), "map_shape": store.map_shape(),
+            "superseded": superseded,
             "shards": len(shard_paths(root)), "problems": problems, "error_samples": errors,
             "manifest": store.manifest}
 

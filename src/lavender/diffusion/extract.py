@@ -8,6 +8,7 @@ to the errors file and skipped (``strict`` stops at the first). See docs/stage1.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -129,6 +130,60 @@ def words_from_token_maps(text: str, offsets: list[tuple[int, int]], special: li
     return kept_w, kept_o, arr, lost
 
 
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def record_fingerprint(rec: Record, qa_text: str) -> dict:
+    """What an example's maps were computed from: its DM text and image CONTENT (hashes), plus the
+    image file's (size, mtime) so a resume re-reads only images whose file changed. Folder-wide
+    inputs (the DM's weights, the recipe, the frame, preprocessing) are in the manifest instead."""
+    path = Path(rec.images[0])
+    st = path.stat()
+    return {"fp": {"text": _sha(dm_text(rec, qa_text).encode("utf-8")), "image": _sha(path.read_bytes()),
+                   "image_stat": [st.st_size, st.st_mtime_ns]}}
+
+
+def fingerprint_matches(stored: dict | None, rec: Record, qa_text: str) -> bool:
+    """Whether ``rec`` is what the stored maps were computed from. An example stored without a
+    fingerprint (an older Lavender) is trusted, as before; a missing image file is not a match."""
+    if stored is None:
+        return True
+    if stored.get("text") != _sha(dm_text(rec, qa_text).encode("utf-8")):
+        return False
+    try:
+        path = Path(rec.images[0])
+        st = path.stat()
+        if [st.st_size, st.st_mtime_ns] == stored.get("image_stat"):
+            return True
+        return stored.get("image") == _sha(path.read_bytes())
+    except OSError:
+        return False
+
+
+def dm_weights_fingerprint(path: str) -> str:
+    """The DM's identity by CONTENT, not by path: for a local folder, a hash over every weights file's
+    name, size and 16 chunks of 64 KiB spread through it (a retrained or fine-tuned model differs
+    everywhere; hashing whole multi-GB files at every start would not pay); a hub id is itself."""
+    root = Path(path)
+    if not root.is_dir():
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root).as_posix()}:{size}".encode())
+        with open(f, "rb") as fh:
+            for k in range(16):
+                fh.seek(size * k // 16)
+                h.update(fh.read(65536))
+    return h.hexdigest()[:16]
+
+
+# Changes to how images are read before the DM sees them (EXIF orientation, mode conversion, framing
+# code) bump this, so a folder extracted before a change is never resumed with maps of both kinds.
+PREPROCESSING_VERSION = 2
+
+
 def record_noise(ids: list[str], like: torch.Tensor) -> torch.Tensor:
     """Gaussian noise shaped like ``like`` (B, C, h, w), image ``j``'s drawn from a generator seeded by
     ``crc32(ids[j])``: a record gets the same noise whatever its batch, process or resume point."""
@@ -166,7 +221,10 @@ class Extractor:
 
         from lavender import __version__
         return {
-            "dm": {"path": str(c.dm), "class": "StableDiffusionPipeline", "image_size": self.dm.image_size},
+            "dm": {"class": "StableDiffusionPipeline", "image_size": self.dm.image_size,
+                   "weights": dm_weights_fingerprint(str(c.dm))},
+            "dm_path": str(c.dm),  # informational: the same weights under another path resume fine
+            "preprocessing": PREPROCESSING_VERSION,
             "recipe": recipe,
             "map_size": c.map_size,
             "resolutions": c.resolutions,
@@ -282,9 +340,18 @@ def _extract(cfg: ExtractConfig, state: Any, rank: int, world: int, device: str,
 
     for b in bad:
         fail(*b)
-    done = writer.done_ids()
-    todo = [r for r in mine_ok if r.id not in done]
+    stored = writer.done_fingerprints()
+    todo, redo = [], set()
+    for r in mine_ok:
+        if r.id not in stored:
+            todo.append(r)
+        elif not fingerprint_matches(stored[r.id], r, cfg.qa_text):
+            todo.append(r)  # its text or image changed since its maps were stored: recompute, never reuse
+            redo.add(r.id)
     stats["skipped"] = len(mine_ok) - len(todo)
+    stats["redone"] = len(redo)
+    if redo:
+        log.warning("%d record(s) changed since their maps were stored (text or image); recomputing them", len(redo))
 
     bar = tqdm(total=len(todo), disable=not progress or rank != 0, desc="extract", unit="img")
     t0 = time.perf_counter()
@@ -308,7 +375,8 @@ def _extract(cfg: ExtractConfig, state: Any, rank: int, world: int, device: str,
                                 "beyond it got no map", rec.index, rec.id, ext.dm.max_length, res["words_lost"])
                 writer.add(rec.id, res["words"], res["offsets"], res["maps"],
                            extra={"image_size": res["image_size"], "truncated": res["truncated"],
-                                  "words_lost": res["words_lost"]})
+                                  "words_lost": res["words_lost"], **record_fingerprint(rec, cfg.qa_text),
+                                  **({"redo": True} if rec.id in redo else {})})
                 stats["done"] += 1
                 stats["words"] += len(res["words"])
             bar.update(len(batch))
