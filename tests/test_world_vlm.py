@@ -206,3 +206,22 @@ def test_committed_checkpoint_sees_colours(arch):
     captions = [c.lower().strip() for c in captions]
     right = sum(c.split()[1:2] == t.split()[1:2] for c, t in zip(captions, b.captions))
     assert right >= 9, list(zip(captions, b.captions))  # chance is 2 of 12
+
+
+def test_resume_refuses_a_planted_pickle(tmp_path):
+    """A state file that would run code when unpickled is refused (weights_only), with one line."""
+    import pickle
+
+    from lavender.config import LavenderError
+    from lavender.world.write import load_state
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("echo planted > " + str(tmp_path / "ran"),))
+
+    path = tmp_path / "state.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"step": 1, "x": Boom()}, f)
+    with pytest.raises(LavenderError, match="refusing to unpickle"):
+        load_state(path)
+    assert not (tmp_path / "ran").exists()

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from lavender.analysis import iou, mass_ratio
 from lavender.maps import minmax_np
 from lavender.world.scenes import SIZE, downsample_masks, sample_batch
+from lavender.world.write import load_state
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints" / "dm"
 # Stage 1's --resolutions for this DM, chosen by score_dm (docs/world_dm.md): the 16×16 layers localise,
@@ -238,7 +239,7 @@ class DMTrainer:
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {self.out}; start without --resume")
         self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer = make_world_tokenizer(self.out / "tokenizer")
-        state = torch.load(self.state_path, weights_only=False, map_location="cpu") if resume else None
+        state = load_state(self.state_path) if resume else None
         if state is not None:
             saved = DMConfig.from_json(state["config"])
             # the schedule length and batch may change on resume; sizes and seed may not

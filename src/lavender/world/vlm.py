@@ -331,7 +331,9 @@ def train_vlm(out: str, recipe: Recipe, resume: bool = False, max_minutes: float
         if not resume:
             raise FileExistsError(f"{out} holds an unfinished run ({state_path}); pass --resume to continue it "
                                   "or choose another --out")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        from lavender.world.write import load_state
+
+        state = load_state(state_path)
         saved = Recipe.from_dict(state["recipe"])
         if saved != recipe:
             diff = {k: (v, getattr(recipe, k)) for k, v in vars(saved).items() if getattr(recipe, k) != v}

@@ -158,3 +158,19 @@ def load_object_masks(record_or_path: Mapping | str | os.PathLike,
     """(n_objects, 64, 64) bool masks in the record's ``objects`` order (for question-word masks)."""
     with np.load(_mask_path(record_or_path, root)) as z:
         return z["object_masks"].astype(bool)
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """A world training state file, read with ``weights_only=True``: tensors, numbers, strings and
+    containers only. A file that needs more (a planted pickle that would run code) is refused."""
+    import pickle
+
+    import torch
+
+    from lavender.config import LavenderError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise LavenderError(f"{path}: not a state file this run wrote (refusing to unpickle it: "
+                            f"{str(e).splitlines()[0][:200]}); remove it or choose another --out") from None
