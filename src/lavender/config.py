@@ -495,6 +495,9 @@ class DemoConfig(Checked):
     learning_rate: float = opt(1e-3, "fine-tuning learning rate (full fine-tuning)")
     ratio: float = opt(1.0, "‖λ∇L_att‖/‖∇L_VLM‖ that λ is calibrated to, the same for every attention arm")
     att_loss: AttLoss = opt("mass", "the one attention loss of every attention arm (mass: see docs/experiments.md)")
+    teacher: Pairing = opt("phrase", "the DM teacher's target for an answer: the referent's whole phrase "
+                           "(\"red circle\", read for binding: the DM's stage1_binding.yaml) or its answer "
+                           "word alone (the DM's stage1.yaml)")
     threads: int = opt(2, "torch threads (fixed, so a seed gives the same numbers on any machine)")
 
     def __post_init__(self) -> None:

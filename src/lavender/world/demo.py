@@ -3,9 +3,12 @@
 1. Scenes (:mod:`lavender.world.v2`): a fine-tuning set whose decoy shares the answer with
    probability p, an ``iid`` and a ``shift`` test split (the decoy never shares there), and an
    analysis set (``shift-val``).
-2. Stage 1: :func:`lavender.diffusion.extract.run_extract` (``ddim``) with the world's diffusion
-   model, on the :class:`~lavender.config.ExtractConfig` its checkpoint recommends (``stage1.yaml``);
-   the oracle's maps (the referent's true mask) and, per seed, the shuffled control's.
+2. Stage 1: :func:`lavender.diffusion.extract.run_extract` with the world's diffusion model, on the
+   :class:`~lavender.config.ExtractConfig` its checkpoint recommends for the teacher: ``--teacher
+   phrase`` (default) pairs each answer with the referent's phrase ("red circle") and reads the DM
+   for binding (``stage1_binding.yaml``: the ``noise`` recipe at t = 100, an 8×8 layer); ``--teacher
+   word`` pairs it with the answer word alone (``stage1.yaml``, ``ddim``). Then the oracle's maps (the
+   referent's true mask) and, per seed, the shuffled control's.
 3. Stage 2: :func:`lavender.world.arms.run_arm` for AR, Lavender, oracle and shuffled at every
    seed (one recipe; λ calibrated to one gradient ratio for every attention arm).
 4. Scores, paired differences with 95 % intervals (:mod:`lavender.stats`), attention on the referent
@@ -29,6 +32,7 @@ from lavender.config import AlignmentConfig, DemoConfig, ExtractConfig, Lavender
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 STAGE1_FILE = "stage1.yaml"  # beside a DM checkpoint: the ExtractConfig overrides it recommends
+STAGE1_BINDING_FILE = "stage1_binding.yaml"  # the same, for a teacher read for binding (world v2)
 
 
 def world_checkpoint(path: str | None, name: str, recipe: str) -> str:
@@ -42,12 +46,18 @@ def world_checkpoint(path: str | None, name: str, recipe: str) -> str:
     return str(p)
 
 
-def stage1_config(dm: str, data: str | Path, out: str | Path, **overrides: Any) -> ExtractConfig:
-    """The ``ddim`` Stage-1 config for ``dm``: its ``stage1.yaml`` recommendations (for the world DM, the
-    resolution and layer its ground-truth localisation scores chose), then ``overrides``."""
+def stage1_config(dm: str, data: str | Path, out: str | Path, teacher: str = "word", **overrides: Any
+                  ) -> ExtractConfig:
+    """The Stage-1 config for ``dm``: its recommendations, then ``overrides``.
+
+    ``teacher="word"``: ``stage1.yaml`` (``ddim``; for the world DM, the layer its word-localisation
+    scores chose). ``teacher="phrase"``: ``stage1_binding.yaml`` (for the world DM, the reading that
+    tells a world-v2 referent from the decoy best, chosen on ``iid-val``: docs/experiments.md).
+    """
     base = {"dm": dm, "data": str(data), "out": str(out), "recipe": "ddim", "batch_size": 16, **overrides}
-    path = Path(dm) / STAGE1_FILE
+    path = Path(dm) / (STAGE1_FILE if teacher == "word" else STAGE1_BINDING_FILE)
     if path.exists() and "resolutions" not in overrides:
+        base.pop("recipe")
         return config_from_file(ExtractConfig, str(path), **base)
     return ExtractConfig(**base)
 
@@ -114,7 +124,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         summarise,
         write_mask_attention,
     )
-    from lavender.world.v2 import write_v2_split
+    from lavender.world.v2 import with_pairs, write_v2_split
 
     torch.set_num_threads(cfg.threads)
     hf_logging.disable_progress_bar()  # one progress bar: the demo's (runs), not one per weight load
@@ -136,19 +146,26 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["scenes_s"] = time.time() - t0
 
     t = time.time()
-    _log("2/4 Stage 1 (world DM, ddim) on train and analysis; oracle and shuffled maps")
+    _log(f"2/4 Stage 1 (world DM, {cfg.teacher} teacher) on train and analysis; oracle and shuffled maps")
+    if cfg.teacher != "word":  # the Lavender arm's records: the same data, the answer paired with the phrase
+        for split in ("train", "shift-val"):
+            teach = data / f"{split}_{cfg.teacher}.jsonl"
+            if not teach.exists():
+                teach.write_text("".join(json.dumps(with_pairs(json.loads(ln), cfg.teacher)) + "\n"
+                                         for ln in open(paths[split])))
+            paths[f"{split}_teacher"] = teach
     attn = {}
     for split in ("train", "shift-val"):
-        attn[split] = out / f"attn_{split}"
+        attn[split] = out / f"attn_{split}_{cfg.teacher}"
         if not (attn[split] / "manifest.json").exists():
-            run_extract(stage1_config(dm, paths[split], attn[split], progress=False))
+            run_extract(stage1_config(dm, paths[split], attn[split], cfg.teacher, progress=False))
     oracle = write_mask_attention(paths["train"], out / "attn_oracle")
     timings["extract_s"] = time.time() - t
 
     t = time.time()
     recipe = Recipe(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, ratio=cfg.ratio,
                     att_loss=cfg.att_loss)
-    probe = (paths["shift-val"], attn["shift-val"])
+    probe = (paths.get("shift-val_teacher", paths["shift-val"]), attn["shift-val"])
     premise = attention_on_objects(vlm, *probe, alignment=recipe.alignment)
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     jobs = [(seed, arm) for seed in seeds for arm in ARMS]
@@ -158,7 +175,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         bar.set_postfix_str(f"{arm} seed {seed}")
         shuffled = write_mask_attention(paths["train"], out / f"attn_shuffled_s{seed}", shuffle_seed=1000 + seed)
         attention = {"lavender": attn["train"], "oracle": oracle, "shuffled": shuffled}
-        results[arm].append(run_arm(arm, seed, vlm=vlm, train=paths["train"], attention=attention,
+        train = paths.get("train_teacher", paths["train"]) if arm == "lavender" else paths["train"]
+        results[arm].append(run_arm(arm, seed, vlm=vlm, train=train, attention=attention,
                                     evals={"iid": paths["iid"], "shift": paths["shift"]},
                                     out=out / "runs" / arm / f"seed{seed}", recipe=recipe, probe=probe,
                                     keep=seed == seeds[0], log=lambda m: bar.write(f"   {m}")))
@@ -223,8 +241,9 @@ def _figures(out: Path, vlm: str, paths: dict[str, Path], attn: dict[str, Path],
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     store = AttentionStore(attn["shift-val"])
-    records = [r for r in read_records(paths["shift-val"]) if r.id in store]
-    raw = {json.loads(ln)["id"]: json.loads(ln) for ln in open(paths["shift-val"])}
+    probe = paths.get("shift-val_teacher", paths["shift-val"])  # the DM map shown is the teacher's target
+    records = [r for r in read_records(probe) if r.id in store]
+    raw = {json.loads(ln)["id"]: json.loads(ln) for ln in open(probe)}
     models = {"VLM before": vlm, **{f"after {a}": str(out / "runs" / a / f"seed{seed}" / "run")
                                     for a in ("ar", "lavender", "oracle")}}
     rows: dict[str, dict[str, dict]] = {}
