@@ -327,3 +327,16 @@ def test_a_resolution_no_selected_module_reads_is_an_error(tmp_path, capsys):
     assert _extract(data, tmp_path / "ok", "--layers", "down_blocks.0", "down_blocks.1") == 0
     by_res = AttentionStore(tmp_path / "ok").manifest["modules_by_resolution"]
     assert set(by_res) == {"8", "16"} and all(by_res.values())
+
+
+def test_dry_run_counts_what_is_left_and_writes_nothing(tmp_path, capsys):
+    data = write_images_and_records(tmp_path / "data", 3)
+    assert _extract(data, tmp_path / "none", "--dry-run", "--json") == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["to_do"] == 3 and s["unet_evals_per_image"] == 3 and s["estimated_seconds"] > 0  # 1 + 2 steps
+    assert not (tmp_path / "none").exists()
+    assert _extract(data, tmp_path / "out", "--limit", "2") == 0
+    capsys.readouterr()
+    assert _extract(data, tmp_path / "out", "--dry-run", "--recipe", "noise", "--timesteps", "100", "300") == 0
+    line = capsys.readouterr().out
+    assert "1 of 3 records to do (2 already stored" in line and "2 UNet evaluations/image" in line

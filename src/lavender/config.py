@@ -287,6 +287,8 @@ class ExtractConfig(Checked):
     limit: int | None = opt(None, "only the first N records")
     progress: bool = opt(True, "show a progress bar (--no-progress to hide it)")
     json: bool = opt(False, "print the summary as one JSON object")
+    dry_run: bool = opt(False, "print UNet evaluations per image, images still to do and a time estimate "
+                        "on this device (one timed batch); write nothing")
 
     def __post_init__(self) -> None:
         self.check_choices()

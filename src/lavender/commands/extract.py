@@ -25,7 +25,7 @@ def main(cfg: ExtractConfig) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     summary = run_extract(cfg)
     if "dataset" not in summary:
-        return 0  # not the main process
+        return 0  # not the main process, or --dry-run (it printed its line)
     if cfg.json:
         print(json.dumps(summary, default=str))
         return 0

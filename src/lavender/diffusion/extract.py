@@ -314,10 +314,64 @@ def run_extract(cfg: ExtractConfig, progress: bool | None = None) -> dict:
     if cfg.strict and bad:
         raise RecordError(*bad[0])
 
+    if cfg.dry_run:
+        return dry_run(cfg, device, mine_ok, bad)
     from lavender.locks import hold_folder
 
     with hold_folder(cfg.out, rank, "extraction"):
         return _extract(cfg, state, rank, world, device, mine_ok, bad, progress)
+
+
+def evals_per_image(cfg: ExtractConfig) -> float:
+    """UNet evaluations per image of the recipe (``nulltext``: its upper bound, before early stops)."""
+    if cfg.recipe == "noise":
+        return float(len(cfg.timesteps))
+    if cfg.recipe == "ddim":
+        return float(cfg.inversion_steps + cfg.steps * (1 if cfg.guidance == 1.0 else 2))
+    return float(cfg.steps + cfg.steps * (cfg.inner_steps + 2))
+
+
+def dry_run(cfg: ExtractConfig, device: str, mine_ok: list[Record], bad: list) -> dict:
+    """What ``extract`` would do, without writing: records still to do (after resume, fingerprints
+    checked), evaluations per image, and a time estimate from one timed batch of UNet calls on
+    ``device`` (VAE encode included; capture, word merging and I/O not)."""
+    import json as _json
+
+    out = Path(cfg.out)
+    stored: dict = {}
+    if (out / "manifest.json").exists():
+        from lavender.attnstore import read_shard_indexes
+
+        stored = {i: e.get("extra", {}).get("fp") for i, (_, e) in read_shard_indexes(out).items()}
+    todo = [r for r in mine_ok if r.id not in stored or not fingerprint_matches(stored[r.id], r, cfg.qa_text)]
+    dm = DiffusionModel(cfg.dm, device, DTYPES[cfg.dtype])
+    n = min(cfg.batch_size, max(1, len(todo)))
+    x = torch.randn(n, dm.unet.config.in_channels, dm.latent_side, dm.latent_side, device=dm.device)
+    pixels = torch.zeros(n, 3, dm.image_size, dm.image_size, device=dm.device)
+    with torch.inference_mode():
+        emb = dm.encode_text(dm.tokenize(["a photo"] * n)["input_ids"])
+        dm.encode_images(pixels)
+        dm.eps(x, 500, emb)  # warm-up
+        if dm.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dm.encode_images(pixels)
+        t_vae = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dm.eps(x, 500, emb)
+        if dm.device.type == "cuda":
+            torch.cuda.synchronize()
+        t_unet = time.perf_counter() - t0
+    per_image = (t_vae + evals_per_image(cfg) * t_unet) / n
+    summary = {"dry_run": True, "records": len(mine_ok), "to_do": len(todo), "already_stored": len(mine_ok) - len(todo),
+               "bad_records": len(bad), "recipe": cfg.recipe, "unet_evals_per_image": evals_per_image(cfg),
+               "seconds_per_image": per_image, "estimated_seconds": per_image * len(todo), "device": str(dm.device),
+               "batch_size": n}
+    line = (f"extract --dry-run: {len(todo)} of {len(mine_ok)} records to do ({len(mine_ok) - len(todo)} already "
+            f"stored, {len(bad)} bad); recipe {cfg.recipe}: {evals_per_image(cfg):g} UNet evaluations/image; "
+            f"≈ {per_image:.3g} s/image on {dm.device} at batch {n} → ≈ {per_image * len(todo) / 60:.1f} min")
+    print(_json.dumps(summary) if cfg.json else line)
+    return summary
 
 
 def _extract(cfg: ExtractConfig, state: Any, rank: int, world: int, device: str, mine_ok: list[Record],
