@@ -176,3 +176,26 @@ def test_import_authors_raw_names_and_missing(tmp_path):
     assert ex["maps"].shape == (4, 32, 32)  # resized from 16
     assert abs(float(ex["maps"][0].mean()) - 1.0) < 0.02 and abs(float(ex["maps"][1].mean()) - 128 / 255) < 0.02
     assert [e["id"] for e in store.errors()] == ["none"]
+
+
+def test_parquet_export_round_trips_typed_columns(tmp_path) -> None:
+    """export_parquet → typed columns (Array3D float16 maps) → import_parquet gives the same store."""
+    from datasets import load_dataset
+
+    from lavender.attnstore import AttentionStore, AttentionWriter, export_parquet, import_parquet
+
+    rng = np.random.default_rng(0)
+    with AttentionWriter(tmp_path / "a", {"map_size": 8, "frame": "squash", "recipe": {"name": "ddim"}}) as w:
+        for i, words in enumerate([["a", "red", "circle"], ["blue"], ["x", "y"]]):
+            w.add(f"e{i}", words, [(2 * k, 2 * k + 1) for k in range(len(words))],
+                  rng.random((len(words), 8, 8)).astype(np.float32), extra={"image_size": [40, 30 + i]})
+    export_parquet(tmp_path / "a", tmp_path / "pq")
+    ds = load_dataset("parquet", data_files=str(tmp_path / "pq" / "attention.parquet"), split="train")
+    assert ds.features["maps"].dtype == "float16" and ds.features["maps"].shape[1:] == (8, 8)
+    assert ds[0]["words"] == ["a", "red", "circle"] and ds[0]["offsets"][1] == [2, 3]
+    assert import_parquet(tmp_path / "pq", tmp_path / "b") == 3
+    a, b = AttentionStore(tmp_path / "a"), AttentionStore(tmp_path / "b")
+    assert sorted(a.ids()) == sorted(b.ids()) and b.manifest["recipe"] == {"name": "ddim"}
+    for i in a.ids():
+        assert a.get(i)["words"] == b.get(i)["words"] and a.entry(i)["extra"] == b.entry(i)["extra"]
+        np.testing.assert_array_equal(a.get(i)["maps"], b.get(i)["maps"])

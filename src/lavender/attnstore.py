@@ -442,3 +442,75 @@ def import_authors_layout(records: Iterable, out_dir: str | Path, manifest: dict
             counts["words"] += len(words)
     update_counts(out_dir)
     return counts
+
+
+# ------------------------------------------------------------------------ Hugging Face datasets
+def to_hf_dataset(root: str | Path) -> Any:
+    """An attention dataset as a ``datasets.Dataset`` with typed columns, ready for ``push_to_hub``:
+    ``id`` (string), ``words`` (list of strings), ``offsets`` (list of [start, end] int32),
+    ``maps`` (``Array3D`` (n_words, S, S) float16), ``extra`` (JSON string). The manifest travels in
+    ``info.description`` as JSON (:func:`from_hf_dataset` reads it back)."""
+    from datasets import Array3D, Dataset, DatasetInfo, Features, Sequence, Value
+
+    store = AttentionStore(root)
+    side = int(store.manifest.get("map_size", 32))
+    features = Features({"id": Value("string"), "words": Sequence(Value("string")),
+                         "offsets": Sequence(Sequence(Value("int32"), length=2)),
+                         "maps": Array3D(shape=(None, side, side), dtype="float16"), "extra": Value("string")})
+
+    def rows():
+        for id, ex in store:
+            entry = store.entry(id)
+            yield {"id": id, "words": list(ex["words"]), "offsets": [list(o) for o in ex["offsets"]],
+                   "maps": np.asarray(ex["maps"], dtype=np.float16), "extra": json.dumps(entry.get("extra", {}))}
+
+    info = DatasetInfo(description=json.dumps({"lavender_manifest": store.manifest}))
+    return Dataset.from_generator(rows, features=features, info=info)
+
+
+def export_parquet(root: str | Path, out_dir: str | Path) -> Path:
+    """Write ``OUT/attention.parquet`` (the typed columns of :func:`to_hf_dataset`) and
+    ``OUT/manifest.json``; ``datasets.load_dataset("parquet", data_files=...)`` reads it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = to_hf_dataset(root)
+    ds.to_parquet(str(out / "attention.parquet"))
+    (out / MANIFEST).write_text(json.dumps(AttentionStore(root).manifest, indent=2))
+    return out
+
+
+def from_hf_dataset(ds: Any, out_dir: str | Path, manifest: dict | None = None, shard_size: int = 256) -> int:
+    """Write a ``datasets.Dataset`` with :func:`to_hf_dataset`'s columns back as an attention dataset
+    (a folder ``AttentionStore`` reads); returns the examples written. ``manifest`` defaults to the
+    one in ``ds.info.description``."""
+    if manifest is None:
+        try:
+            manifest = json.loads(ds.info.description or "{}").get("lavender_manifest")
+        except json.JSONDecodeError:
+            manifest = None
+    if not manifest:
+        raise LavenderError("the dataset carries no Lavender manifest; pass manifest= (the one written beside it)")
+    manifest = {k: v for k, v in manifest.items() if k not in ("format", "format_version", *VOLATILE_KEYS)}
+    n = 0
+    with AttentionWriter(out_dir, manifest, shard_size=shard_size) as writer:
+        for row in ds.with_format("numpy"):
+            words = [str(w) for w in row["words"]]
+            maps = np.asarray(row["maps"], dtype=np.float32).reshape(len(words), *np.asarray(row["maps"]).shape[-2:]) \
+                if len(words) else np.zeros((0, 1, 1), np.float32)
+            writer.add(str(row["id"]), words, [tuple(int(x) for x in o) for o in row["offsets"]], maps,
+                       extra=json.loads(str(row["extra"]) or "{}"))
+            n += 1
+    update_counts(out_dir)
+    return n
+
+
+def import_parquet(path: str | Path, out_dir: str | Path) -> int:
+    """Read :func:`export_parquet`'s folder (or a parquet file with ``manifest.json`` beside it)."""
+    from datasets import load_dataset
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    files = str(folder / "attention.parquet") if p.is_dir() else str(p)
+    ds = load_dataset("parquet", data_files=files, split="train")
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).exists() else None
+    return from_hf_dataset(ds, out_dir, manifest)

@@ -898,6 +898,19 @@ class SplitConfig(Checked):
         self.check_choices()
 
 
+@dataclass
+class AttentionIOConfig(Checked):
+    """Options of ``lavender data attention-export|attention-import``: an attention dataset to/from a
+    parquet folder with typed columns (docs/stage1.md, "Hub-ready attention datasets")."""
+
+    src: str = opt(dataclasses.MISSING, "attention dataset folder (export) or parquet folder (import)",
+                   positional=True, metavar="SRC")
+    out: str = opt(dataclasses.MISSING, "parquet folder (export) or attention dataset folder (import)", metavar="DIR")
+
+    def __post_init__(self) -> None:
+        self.check_choices()
+
+
 # --------------------------------------------------------------------------------- world
 WorldSplit = Literal["train", "validation", "test", "ood", "ood_combo", "ood_template",
                      "iid-val", "shift-val", "iid", "shift", "combo"]

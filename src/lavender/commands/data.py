@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-from lavender.config import ConvertConfig, MixConfig, SplitConfig
+from lavender.config import AttentionIOConfig, ConvertConfig, MixConfig, SplitConfig
 
 
 def run_convert(args: ConvertConfig) -> int:
@@ -42,9 +42,27 @@ def run_split(args: SplitConfig) -> int:
     return 0
 
 
+def run_attention_export(args: AttentionIOConfig) -> int:
+    from lavender.attnstore import export_parquet
+
+    print(f"wrote {export_parquet(args.src, args.out) / 'attention.parquet'} (+ manifest.json)")
+    return 0
+
+
+def run_attention_import(args: AttentionIOConfig) -> int:
+    from lavender.attnstore import import_parquet
+
+    print(f"wrote {import_parquet(args.src, args.out)} examples to {args.out}")
+    return 0
+
+
 SUBCOMMANDS = {
     "convert": ("a public dataset or benchmark file -> records JSONL (prints rows read, written, skipped)",
                 (ConvertConfig,), run_convert),
     "mix": ("sample several record files into one, by ratio", (MixConfig,), run_mix),
     "split": ("train/val split by image (no image in both)", (SplitConfig,), run_split),
+    "attention-export": ("attention dataset -> parquet with typed columns (for datasets / push_to_hub)",
+                         (AttentionIOConfig,), run_attention_export),
+    "attention-import": ("parquet folder from attention-export -> attention dataset", (AttentionIOConfig,),
+                         run_attention_import),
 }
