@@ -185,8 +185,13 @@ def shard_entries(root: str | Path) -> Iterator[tuple[Path, dict]]:
     from safetensors import safe_open
 
     for p in shard_paths(root):
-        with safe_open(str(p), framework="numpy") as f:
-            index = json.loads(f.metadata()["index"])
+        try:
+            with safe_open(str(p), framework="numpy") as f:
+                index = json.loads(f.metadata()["index"])
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+            raise LavenderError(f"{p}: corrupt shard ({str(e).splitlines()[0][:120]}); shards are written "
+                                "atomically, so this is damage from outside: delete the file and rerun the "
+                                "same `lavender extract` to recompute its examples") from None
         for entry in index:
             yield p, entry
 

@@ -313,6 +313,8 @@ def run_extract(cfg: ExtractConfig, progress: bool | None = None) -> dict:
                 mine_ok.append(r)
     if cfg.strict and bad:
         raise RecordError(*bad[0])
+    if not mine_ok and not bad and rank == 0 and world == 1:
+        raise LavenderError(f"--data {cfg.data}: no records in the file (it is empty); nothing to extract")
 
     if cfg.dry_run:
         return dry_run(cfg, device, mine_ok, bad)
