@@ -286,3 +286,113 @@ def test_a_different_dm_at_the_same_path_is_refused(tmp_path, capsys):
     assert main(args) != 0
     err = capsys.readouterr().err
     assert "different settings (dm)" in err and "Traceback" not in err
+
+
+def test_a_worker_dies_with_its_killed_launcher(tmp_path) -> None:
+    """PR_SET_PDEATHSIG: a child that called die_with_parent() is gone once its parent is SIGKILLed
+    (an `accelerate launch` killed with SIGKILL no longer leaves workers writing)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    launcher = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'import os, time; from lavender.locks import die_with_parent; assert die_with_parent(); "
+        f"open(r\"{pidfile}\", \"w\").write(str(os.getpid())); time.sleep(60)'])\n"
+        "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", launcher])
+    for _ in range(200):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the worker outlived its SIGKILLed launcher")
+
+
+def test_a_full_disk_mid_extraction_is_one_line_and_the_resume_completes(tmp_path, capsys, monkeypatch) -> None:
+    """ENOSPC while writing the second shard (injected: CI runs as root, where permissions stop
+    nothing): exit with one line naming the error; once there is room, the same command finishes with
+    every record exactly once; a read-only folder (EROFS at the first write) is one line too."""
+    import errno
+
+    from _stage1_fixtures import TEST_RESOLUTIONS, tiny_dm_path, write_images_and_records
+
+    import lavender.attnstore as store_mod
+    from lavender.attnstore import AttentionStore
+    from lavender.cli import main
+    from lavender.commands.inspect import inspect_store
+
+    data = write_images_and_records(tmp_path / "d", 6)
+    args = ["extract", "--dm", tiny_dm_path(), "--data", str(data), "--out", str(tmp_path / "a"), "--steps", "1",
+            "--inversion-steps", "1", "--map-size", "8", "--no-progress", "--batch-size", "2", "--shard-size", "2",
+            *TEST_RESOLUTIONS]
+    real, calls = store_mod._atomic_write, []
+
+    def full_disk(path, data):
+        calls.append(path)
+        if path.name.endswith(".safetensors") and len([p for p in calls if p.name.endswith(".safetensors")]) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(store_mod, "_atomic_write", full_disk)
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    monkeypatch.setattr(store_mod, "_atomic_write", real)
+    assert main(args) == 0
+    assert len(AttentionStore(tmp_path / "a")) == 6 and inspect_store(str(tmp_path / "a"))["problems"] == []
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(store_mod, "_atomic_write", read_only)
+    capsys.readouterr()
+    assert main([*args[:6], str(tmp_path / "ro"), *args[7:]]) != 0
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and "Traceback" not in err
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_resume_continues(tiny_vlm, tmp_path, capsys,
+                                                                              monkeypatch) -> None:
+    """ENOSPC while saving the second checkpoint: one line, non-zero exit; the resume continues from the
+    newest COMPLETE checkpoint and logs every step once."""
+    import errno
+
+    import transformers
+
+    from lavender.cli import main
+
+    data, attn = _data(tmp_path / "d")
+    args = ["train", "--model", tiny_vlm("mllama"), "--data", data, "--attention", attn, "--output_dir",
+            str(tmp_path / "run"), "--max_steps", "4", "--save_steps", "1", "--per_device_train_batch_size", "2",
+            "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0"]
+    real, saves = transformers.Trainer._save_checkpoint, []
+
+    def full_disk(self, *a, **k):
+        saves.append(self.state.global_step)
+        if len(saves) == 2:
+            os.makedirs(os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}"), exist_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device")  # a half-made checkpoint folder stays
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", full_disk)
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", real)
+    assert main([*args, "--resume"]) == 0
+    steps = [json.loads(ln)["step"] for ln in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in ln]
+    assert steps == [1, 2, 3, 4]

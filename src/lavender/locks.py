@@ -37,3 +37,26 @@ def hold_folder(folder: str | os.PathLike, rank: int = 0, what: str = "job") -> 
         yield
     finally:
         os.close(fd)  # closing drops the lock
+
+
+def die_with_parent() -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    The workers of ``accelerate launch`` / ``torchrun`` are children of the launcher; a SIGKILLed
+    launcher cannot stop them, and they would keep writing the folder (their locks keep a new job out,
+    but the job the user thinks is dead goes on). Called by every process of a multi-process job.
+    Returns False where the call is unavailable (not Linux), changing nothing.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            return False
+    except (OSError, AttributeError):
+        return False
+    return os.getppid() != 1  # already orphaned: the signal will never come

@@ -458,6 +458,10 @@ def run_training(args: Any, alignment: AlignmentConfig | None = None, quiet: boo
 
     alignment = alignment or AlignmentConfig()
     warn_ignored_alignment(args, alignment)
+    if args.world_size > 1:  # a worker of a launcher: die with it, never train on as an orphan
+        from lavender.locks import die_with_parent
+
+        die_with_parent()
     with hold_folder(args.output_dir, args.process_index, "training run"):
         return _run_training(args, alignment, quiet, log)
 

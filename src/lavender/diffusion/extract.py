@@ -291,6 +291,10 @@ def run_extract(cfg: ExtractConfig, progress: bool | None = None) -> dict:
     on_cpu = (cfg.device or "").startswith("cpu") or not torch.accelerator.is_available()
     state = PartialState(cpu=on_cpu)
     rank, world = state.process_index, state.num_processes
+    if world > 1:  # a worker of a launcher: die with it, never write on as an orphan
+        from lavender.locks import die_with_parent
+
+        die_with_parent()
     device = cfg.device or ("cpu" if state.device.type == "mps" else str(state.device))
     # First pass over the file, before any model is loaded (so --strict fails fast): every process reads
     # all rows (cheap) so duplicate ids are found globally, and keeps row i iff i % world == rank.
