@@ -396,3 +396,13 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_resume_continues(t
     assert main([*args, "--resume"]) == 0
     steps = [json.loads(ln)["step"] for ln in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in ln]
     assert steps == [1, 2, 3, 4]
+
+
+def test_resumes_list_a_bad_record_once(tmp_path) -> None:
+    """The errors file does not grow on every resume: the same bad record is listed once."""
+    from lavender.attnstore import AttentionStore
+
+    for _ in range(3):
+        with AttentionWriter(tmp_path / "a", {"map_size": 8}) as w:
+            w.add_error(4, "bad", "image 'x.png' not found")
+    assert len(AttentionStore(tmp_path / "a").errors()) == 1

@@ -110,7 +110,12 @@ class AttentionWriter:
         self._maps: list[np.ndarray] = []
         self._n_words = 0
         self._map_shape: tuple[int, int] | None = None
-        self._errors = open(self.out_dir / f"errors-r{rank:03d}.jsonl", "a", encoding="utf-8")
+        errors_path = self.out_dir / f"errors-r{rank:03d}.jsonl"
+        self._known_errors: set[str] = set()  # a resume meets the same bad records again: list them once
+        if errors_path.exists():
+            self._known_errors = {ln.strip() for ln in errors_path.read_text(encoding="utf-8", errors="replace")
+                                  .splitlines() if ln.strip()}
+        self._errors = open(errors_path, "a", encoding="utf-8")
 
     def done_ids(self) -> set[str]:
         """Ids already in complete shards of ANY rank (what a resumed run skips)."""
@@ -144,7 +149,11 @@ class AttentionWriter:
 
     def add_error(self, index: int, id: str | None, reason: str) -> None:
         """Record a bad record (flushed at once, so a crash still leaves it in the errors file)."""
-        self._errors.write(json.dumps({"index": index, "id": id, "reason": reason}) + "\n")
+        line = json.dumps({"index": index, "id": id, "reason": reason})
+        if line in self._known_errors:
+            return
+        self._known_errors.add(line)
+        self._errors.write(line + "\n")
         self._errors.flush()
 
     def flush(self) -> None:
