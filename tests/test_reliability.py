@@ -406,3 +406,12 @@ def test_resumes_list_a_bad_record_once(tmp_path) -> None:
         with AttentionWriter(tmp_path / "a", {"map_size": 8}) as w:
             w.add_error(4, "bad", "image 'x.png' not found")
     assert len(AttentionStore(tmp_path / "a").errors()) == 1
+
+
+def test_a_dead_writers_manifest_temp_file_is_cleaned(tmp_path) -> None:
+    (tmp_path / "a").mkdir()
+    stale = tmp_path / "a" / ".manifest.json.tmp-999999999"  # no such pid
+    stale.write_text("{")
+    with AttentionWriter(tmp_path / "a", {"map_size": 8}):
+        pass
+    assert not stale.exists()

@@ -53,6 +53,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_manifest(out_dir: str | Path, manifest: dict) -> None:
     _atomic_write(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
@@ -103,6 +113,10 @@ class AttentionWriter:
         # leftovers of a killed writer of this rank: never complete, safe to drop
         for p in (self.out_dir / SHARDS).glob(f".r{rank:03d}-*.tmp-*"):
             p.unlink(missing_ok=True)
+        if rank == 0:  # a manifest temp file of a process that is gone (killed mid-write)
+            for p in self.out_dir.glob(f".{MANIFEST}.tmp-*"):
+                if not _pid_alive(p.name.rsplit("-", 1)[-1]):
+                    p.unlink(missing_ok=True)
         seqs = [int(m.group(2)) for p in (self.out_dir / SHARDS).iterdir()
                 if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
         self._seq = max(seqs, default=-1) + 1
