@@ -1003,6 +1003,8 @@ class ScoreDMConfig(Checked):
     device: str = opt("cpu", "torch device")
     combine: list[str] = opt(help="also score layer combinations: short layer names joined by '+', e.g. "
                              "up_blocks.1.a0.attn2+up_blocks.0.a0.attn2", factory=list, metavar="L1+L2")
+    timesteps: list[int] | None = opt(None, "score Stage 1's noise recipe at these timesteps (one pass each) "
+                                      "instead of ddim")
 
     def __post_init__(self) -> None:
         self.check_choices()

@@ -54,7 +54,7 @@ def run_score_dm(args: ScoreDMConfig) -> int:
 
     torch.set_num_threads(args.threads)
     result = score_dm(args.dm or CHECKPOINT_DIR, n=args.n, seed=args.seed, split=args.split, device=args.device,
-                      combine=[c.split("+") for c in args.combine])
+                      combine=[c.split("+") for c in args.combine], timesteps=args.timesteps)
     print(format_table(result))
     if args.out:
         with open(args.out, "w") as f:

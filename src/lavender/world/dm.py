@@ -529,7 +529,8 @@ class LayerMaps:
 
 def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test", steps: int = 10,
              inversion_steps: int = 5, batch_size: int = 10, map_size: int = 32, threshold: float = 0.5,
-             progress: bool = True, device: str = "cpu", combine: Sequence[Sequence[str]] = ()) -> dict:
+             progress: bool = True, device: str = "cpu", combine: Sequence[Sequence[str]] = (),
+             timesteps: Sequence[int] | None = None) -> dict:
     """Localisation of the DM's Stage-1 ``ddim`` maps on ``n`` held-out scenes, per layer and resolution.
 
     Scenes come from ``sample_batch(default_rng([seed, 77]), n, split)`` (never the training streams,
@@ -539,7 +540,8 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
     ``iou`` = :func:`thresholded_iou` at ``threshold``; ``ratio_other`` = mass ratio of the raw map on the
     scene's other objects (a map that binds the word scores ``ratio`` ≫ ``ratio_other``; a map that
     merely highlights every object scores them alike). Values are means over word occurrences.
-    ``combine`` adds rows for layer combinations (:class:`LayerMaps`).
+    ``combine`` adds rows for layer combinations (:class:`LayerMaps`); ``timesteps`` scores Stage 1's
+    one-pass ``noise`` recipe at those timesteps instead of ``ddim``.
     """
     from tqdm.auto import tqdm
 
@@ -550,7 +552,8 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
     bar = tqdm(total=n, disable=not progress, desc="score-dm", unit="img")
     for i in range(0, n, batch_size):
         caps, gts = batch.captions[i: i + batch_size], batch.word_masks[i: i + batch_size]
-        maps = lm.maps_by_group(batch.images[i: i + batch_size], caps)
+        maps = lm.maps_by_group(batch.images[i: i + batch_size], caps, timesteps=timesteps,
+                                ids=[f"score{i + j}" for j in range(len(caps))])
         for j, gt in enumerate(gts):
             masks = downsample_masks(gt.masks, map_size)  # (n_words, S, S) coverage
             for k, (w, off, mask) in enumerate(zip(gt.words, gt.offsets, masks)):
@@ -578,7 +581,8 @@ def score_dm(dm: str | Path, n: int = 100, seed: int = 1234, split: str = "test"
                          "n": int(len(arr))}
         table[g] = row
     return {"dm": str(dm), "n_scenes": n, "seed": seed, "split": split,
-            "recipe": {"name": "ddim", "steps": steps, "inversion_steps": inversion_steps},
+            "recipe": ({"name": "noise", "timesteps": list(timesteps)} if timesteps else
+                       {"name": "ddim", "steps": steps, "inversion_steps": inversion_steps}),
             "map_size": map_size, "threshold": threshold,
             "layers": {_layer_name(k): k for k in lm.sides}, "table": table}
 
