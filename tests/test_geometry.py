@@ -312,32 +312,3 @@ def test_gather_grid_picks_keys_row_major():
     attn = torch.arange(12.0).expand(3, 12)  # (..., K)
     out = gather_grid(attn, grid)
     assert out.shape == (3, 2, 2) and out[0].tolist() == [[5.0, 6.0], [9.0, 10.0]]
-
-
-@pytest.mark.parametrize("frame", ["squash", "pad", "center-crop"])
-@pytest.mark.parametrize("rows,cols,covers,image", [(4, 4, (0, 0, 100, 40), (100, 40)),
-                                                     (40, 40, (0, 0, 560, 560), (560, 560)),
-                                                     (24, 24, (30, 0, 70, 40), (100, 40)),
-                                                     (6, 10, (0, 0, 80, 60), (70, 60))])
-def test_to_frame_equals_grid_sample(frame, rows, cols, covers, image):
-    """The separable resampling gives grid_sample's numbers (border padding, outside mask, k×k average)."""
-    import math
-
-    import torch.nn.functional as F
-
-    from lavender.frames import frame_to_image
-
-    g = torch.rand(3, 2, rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    size = 32
-    k = max(1, math.ceil(max(rows, cols) / size))
-    n = size * k
-    c = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    v, u = torch.meshgrid(c, c, indexing="ij")
-    x, y = frame_to_image(frame, float(image[0]), float(image[1]), u, v)
-    gx, gy = (x - covers[0]) / (covers[2] - covers[0]), (y - covers[1]) / (covers[3] - covers[1])
-    inside = (gx >= 0) & (gx <= 1) & (gy >= 0) & (gy <= 1) & (x >= 0) & (x <= image[0]) & (y >= 0) & (y <= image[1])
-    at = torch.stack([gx * 2 - 1, gy * 2 - 1], -1).unsqueeze(0)
-    ref = F.grid_sample(g.reshape(1, -1, rows, cols), at, mode="bilinear", padding_mode="border",
-                        align_corners=False) * inside
-    ref = F.avg_pool2d(ref, k) if k > 1 else ref
-    torch.testing.assert_close(to_frame(g, covers, image, frame, size), ref.reshape(3, 2, size, size))
