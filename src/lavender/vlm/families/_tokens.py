@@ -8,9 +8,13 @@ image gets; this module only finds them and cuts them per image, loudly when cou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lavender.vlm.families.base import ImageGrid
 
 
 def image_token_positions(input_ids: torch.Tensor, token_id: int, counts: Sequence[Sequence[int]]
@@ -31,3 +35,15 @@ def image_token_positions(input_ids: torch.Tensor, token_id: int, counts: Sequen
                              f"was the text truncated, or do image_sizes not match the images?")
         out.append(list(torch.split(positions, list(sample_counts))))
     return out
+
+
+def square_grids(input_ids: torch.Tensor, image_sizes: Sequence[Sequence[tuple[int, int]]], token_id: int,
+                 side: int, covers: Callable[[int, int], tuple[float, float, float, float]]) -> list[ImageGrid]:
+    """One ``side``×``side`` grid per image, its ``side²`` placeholders row-major (LLaVA, Gemma 3);
+    ``covers(W, H)`` is the region of the original image the grid spans."""
+    from lavender.vlm.families.base import ImageGrid
+
+    counts = [[side * side] * len(sizes) for sizes in image_sizes]
+    positions = image_token_positions(input_ids, token_id, counts)
+    return [ImageGrid(b, pos, side, side, covers(int(w), int(h)), (int(w), int(h)))
+            for b, sizes in enumerate(image_sizes) for pos, (w, h) in zip(positions[b], sizes)]

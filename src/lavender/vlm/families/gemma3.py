@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lavender.vlm.families._tokens import image_token_positions
+from lavender.vlm.families._tokens import square_grids
 from lavender.vlm.families.base import Family, ImageGrid, image_token_id, register_family
 
 
@@ -41,11 +41,8 @@ class Gemma3Family(Family):
             raise ValueError("gemma3: do_pan_and_scan adds crops whose layout Lavender does not map; "
                              "turn it off in the processor (its default)")
         n = int(config.mm_tokens_per_image if not isinstance(config, dict) else config["mm_tokens_per_image"])
-        side = math.isqrt(n)
-        counts = [[n] * len(sizes) for sizes in image_sizes]
-        positions = image_token_positions(inputs["input_ids"], token, counts)
-        return [ImageGrid(b, pos, side, side, (0.0, 0.0, float(w), float(h)), (int(w), int(h)))
-                for b, sizes in enumerate(image_sizes) for pos, (w, h) in zip(positions[b], sizes)]
+        return square_grids(inputs["input_ids"], image_sizes, token, math.isqrt(n),
+                            lambda w, h: (0.0, 0.0, float(w), float(h)))
 
     def build_tiny(self, sizes: Any = None, tokenizer: Any = None, seed: int = 0) -> tuple[Any, Any]:
         """Tiny Gemma 3: SigLIP 56/7 → 8×8 patches pooled 2×2 → 4×4 = 16 soft tokens; 4 text layers

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lavender.vlm.families._tokens import image_token_positions
+from lavender.vlm.families._tokens import square_grids
 from lavender.vlm.families.base import (
     Family,
     ImageGrid,
@@ -56,10 +56,8 @@ class LlavaFamily(Family):
         if processor is not None:  # the crop the processor really makes (LLaVA-1.5: = image_size)
             size = int(processor.image_processor.crop_size["height"])
         side = size // int(config.vision_config.patch_size)  # 24 for CLIP-336/14
-        counts = [[side * side] * len(sizes) for sizes in image_sizes]
-        positions = image_token_positions(inputs["input_ids"], token, counts)
-        return [ImageGrid(b, pos, side, side, clip_center_crop_box(w, h, size), (int(w), int(h)))
-                for b, sizes in enumerate(image_sizes) for pos, (w, h) in zip(positions[b], sizes)]
+        return square_grids(inputs["input_ids"], image_sizes, token, side,
+                            lambda w, h: clip_center_crop_box(w, h, size))
 
     def build_tiny(self, sizes: Any = None, tokenizer: Any = None, seed: int = 0) -> tuple[Any, Any]:
         """Tiny LLaVA: CLIP 56/14 → 4×4 = 16 image tokens, Llama text model of 4 layers, hidden 64."""
