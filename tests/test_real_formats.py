@@ -99,54 +99,15 @@ def test_a_template_without_end_of_turn_still_trains_eos_and_never_the_next_turn
 
 
 # ----------------------------------------------------------------------------- Llama-3.2-Vision
-# Written here to render what the released Llama-3.2-Vision-Instruct template renders: BOS, a system
-# block with the date ONLY for conversations without images (the system content read as a string),
-# an error for a system message together with images, `<|start_header_id|>role<|end_header_id|>\n\n`
-# headers and `<|eot_id|>` after every turn.
-LLAMA32 = (
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
-    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
-    "{%- set ns = namespace(has_images=false) %}"
-    "{%- for m in messages %}{%- for c in m['content'] %}{%- if c['type'] == 'image' %}"
-    "{%- set ns.has_images = true %}{%- endif %}{%- endfor %}{%- endfor %}"
-    "{%- if ns.has_images and not system_message == '' %}"
-    "{{- raise_exception('Prompting with images is incompatible with system messages.') }}{%- endif %}"
-    "{%- if not ns.has_images %}{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
-    "{{- 'Cutting Knowledge Date: December 2023\\n' }}{{- 'Today Date: 26 Jul 2024\\n\\n' }}"
-    "{{- system_message }}{{- '<|eot_id|>' }}{%- endif %}"
-    "{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{%- if m['content'] is string %}{{- m['content'] }}{%- else %}{%- for c in m['content'] %}"
-    "{%- if c['type'] == 'image' %}{{- '<|image|>' }}{%- elif c['type'] == 'text' %}{{- c['text'] }}{%- endif %}"
-    "{%- endfor %}{%- endif %}{{- '<|eot_id|>' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
-# Llama-3's pre-tokenisation: its split regex, then byte-level (a word's token carries its space: 'ĠRed')
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eot_id|>", "<|image|>", "<|finetune_right_pad_id|>"]
-
-
+# The released Llama-3.2-Vision-Instruct format (lavender.vlm.formats): BOS, a system block with the
+# date ONLY for conversations without images (the system content read as a string), an error for a
+# system message together with images, `<|start_header_id|>role<|end_header_id|>\n\n` headers and
+# `<|eot_id|>` after every turn; Llama-3's split regex then byte-level ('ĠRed').
 @pytest.fixture(scope="module")
 def llama():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import MllamaProcessor, PreTrainedTokenizerFast
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    from lavender.vlm.formats import build_tiny_real_format
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["What colour is the circle? Red. Answer in one word.", "Is it red? A blue square and a red circle.",
-              "Cutting Knowledge Date: December 2023 Today Date: 26 Jul 2024 user assistant system"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=LLAMA_SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                   pad_token="<|finetune_right_pad_id|>", extra_special_tokens=["<|image|>"])
-    image = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=2)
-    return MllamaProcessor(image, fast, chat_template=LLAMA32)
+    return build_tiny_real_format("mllama")[1]
 
 
 def _trained(proc, lay) -> str:
