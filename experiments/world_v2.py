@@ -37,7 +37,7 @@ from lavender.config import ExtractConfig, config_from_file
 from lavender.diffusion.extract import run_extract
 from lavender.world.arms import ARMS, Recipe, attention_on_objects, run_arm, summarise, write_mask_attention
 from lavender.world.demo import majority_accuracy, stage1_config, strict_json, world_checkpoint
-from lavender.world.v2 import PAIRINGS, with_pairs, write_v2_split
+from lavender.world.v2 import PAIRINGS, write_v2_split, write_with_pairs
 
 GRID = [(150, 1e-3), (300, 1e-3), (300, 2e-3), (300, 3e-3), (600, 1e-3), (600, 2e-3)]  # (steps, lr) for AR, on iid-val
 
@@ -68,11 +68,7 @@ def data(a: argparse.Namespace) -> dict[str, Path]:
         paths[f"train{n}"] = prefix(paths["train"], n, f"train{n}.jsonl")
     paths["train_acc"] = prefix(paths["train"], 300, "train_acc.jsonl")  # training accuracy probe
     if a.teacher != "word":  # the DM teacher's records: the same data, the answer paired with another span
-        src = paths["train"]
-        teach = src.parent / f"train_{a.teacher}.jsonl"
-        if not teach.exists():
-            rows = [json.dumps(with_pairs(json.loads(ln), a.teacher)) for ln in open(src)]
-            teach.write_text("\n".join(rows) + "\n")
+        teach = write_with_pairs(paths["train"], root / f"train_{a.teacher}.jsonl", a.teacher)
         for n in a.sizes:
             paths[f"teacher{n}"] = prefix(teach, n, f"train{n}_{a.teacher}.jsonl")
     return paths
@@ -167,9 +163,7 @@ def main() -> None:
             log(f"premise: DM teacher vs pre-trained VLM on {split}")
             records = paths[split]
             if a.teacher != "word":
-                records = records.parent / f"{split}_{a.teacher}.jsonl"
-                records.write_text("".join(json.dumps(with_pairs(json.loads(ln), a.teacher)) + "\n"
-                                           for ln in open(paths[split])))
+                records = write_with_pairs(records, records.parent / f"{split}_{a.teacher}.jsonl", a.teacher)
             premise_file.write_text(json.dumps(strict_json(attention_on_objects(vlm, records, attn[split])), indent=2))
         premise[split] = json.loads(premise_file.read_text())
         log(f"premise ({split}): {premise[split]}")

@@ -124,7 +124,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         summarise,
         write_mask_attention,
     )
-    from lavender.world.v2 import with_pairs, write_v2_split
+    from lavender.world.v2 import write_v2_split, write_with_pairs
 
     torch.set_num_threads(cfg.threads)
     hf_logging.disable_progress_bar()  # one progress bar: the demo's (runs), not one per weight load
@@ -149,11 +149,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _log(f"2/4 Stage 1 (world DM, {cfg.teacher} teacher) on train and analysis; oracle and shuffled maps")
     if cfg.teacher != "word":  # the Lavender arm's records: the same data, the answer paired with the phrase
         for split in ("train", "shift-val"):
-            teach = data / f"{split}_{cfg.teacher}.jsonl"
-            if not teach.exists():
-                teach.write_text("".join(json.dumps(with_pairs(json.loads(ln), cfg.teacher)) + "\n"
-                                         for ln in open(paths[split])))
-            paths[f"{split}_teacher"] = teach
+            paths[f"{split}_teacher"] = write_with_pairs(paths[split], data / f"{split}_{cfg.teacher}.jsonl",
+                                                         cfg.teacher)
     attn = {}
     for split in ("train", "shift-val"):
         attn[split] = out / f"attn_{split}_{cfg.teacher}"

@@ -24,6 +24,7 @@ need size words both world models were never trained on.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -178,6 +179,15 @@ def with_pairs(record: dict, pair: str) -> dict:
     (start, _), (_, end) = referent_phrase(record)
     pairs = [{**p, "dm_start": start, "dm_end": end} for p in record["align_pairs"]]
     return {**record, "align_pairs": pairs, "pair": pair}
+
+
+def write_with_pairs(src: str | os.PathLike, dst: str | os.PathLike, pair: str) -> Path:
+    """``src``'s records with :func:`with_pairs` applied, written to ``dst`` (same folder: same images);
+    kept if ``dst`` exists already."""
+    dst = Path(dst)
+    if not dst.exists():
+        dst.write_text("".join(json.dumps(with_pairs(json.loads(ln), pair)) + "\n" for ln in open(src)))
+    return dst
 
 
 def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0, p: float = 1.0,
