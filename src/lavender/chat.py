@@ -280,13 +280,16 @@ def layout(processor: Any, messages: Sequence[dict[str, Any]]) -> Layout:
     original = messages
     messages = with_end_of_turn(processor, messages)
     text = render(processor, messages)
-    stable = all(text.startswith(render(processor, messages[: i + 1])) for i in range(len(messages) - 1))
+    # ends[i] = length of the rendered messages[:i] (each prefix rendered once, for both uses)
+    prefixes = [render(processor, messages[: i + 1]) for i in range(len(messages) - 1)] + [text]
+    stable = all(text.startswith(p) for p in prefixes)
+    ends = [0] + [len(p) for p in prefixes]
     marker = "" if stable else end_of_turn_marker(processor)
     regions: list[Region] = []
     label_spans: list[tuple[int, int]] = []
     for i, m in enumerate(original):
         if stable:
-            seg_start, seg_end = _rendered_len(processor, messages[:i]), _rendered_len(processor, messages[: i + 1])
+            seg_start, seg_end = ends[i], ends[i + 1]
         else:
             seg_start, seg_end = (regions[-1].end if regions else 0), len(text)
         n_before = len(regions)
