@@ -135,9 +135,9 @@ class AttentionWriter:
         """Ids already in complete shards of ANY rank (what a resumed run skips)."""
         return set(read_shard_indexes(self.out_dir))
 
-    def done_fingerprints(self) -> dict[str, str | None]:
+    def done_fingerprints(self) -> dict[str, dict | None]:
         """id → the fingerprint its stored maps were computed from (None: written before fingerprints)."""
-        return {id: e.get("extra", {}).get("fp") for id, (_, e) in read_shard_indexes(self.out_dir).items()}
+        return stored_fingerprints(self.out_dir)
 
     def add(self, id: str, words: list[str], offsets: list[tuple[int, int]], maps: Any,
             extra: dict | None = None) -> None:
@@ -230,6 +230,11 @@ def read_shard_indexes(root: str | Path) -> dict[str, tuple[Path, dict]]:
         if entry["id"] not in out or entry.get("extra", {}).get("redo"):
             out[entry["id"]] = (p, entry)
     return out
+
+
+def stored_fingerprints(root: str | Path) -> dict[str, dict | None]:
+    """id → the fingerprint (``extra.fp``) of each stored example of ``root``; {} for no dataset yet."""
+    return {id: e.get("extra", {}).get("fp") for id, (_, e) in read_shard_indexes(root).items()}
 
 
 class AttentionStore:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lavender.attnstore import AttentionWriter, update_counts
+from lavender.attnstore import AttentionWriter, stored_fingerprints, update_counts
 from lavender.config import DTYPE_NAMES, FRAMES, NORMALIZATIONS, RECIPES, ExtractConfig, LavenderError  # noqa: F401
 from lavender.diffusion.capture import AttentionAccumulator, cross_attention_sides, install_capture
 from lavender.diffusion.inversion import NoiseSchedule, run_ddim, run_noise, run_nulltext
@@ -159,6 +159,20 @@ def fingerprint_matches(stored: dict | None, rec: Record, qa_text: str) -> bool:
         return stored.get("image") == _sha(path.read_bytes())
     except OSError:
         return False
+
+
+def records_to_do(records: list[Record], stored: dict[str, dict | None], qa_text: str
+                  ) -> tuple[list[Record], set[str]]:
+    """The records a (resumed) run must compute — not stored yet, or stored from a text or image that
+    has changed since (recomputed, never reused) — and the ids of the latter."""
+    todo, redo = [], set()
+    for r in records:
+        if r.id not in stored:
+            todo.append(r)
+        elif not fingerprint_matches(stored[r.id], r, qa_text):
+            todo.append(r)
+            redo.add(r.id)
+    return todo, redo
 
 
 def dm_weights_fingerprint(path: str) -> str:
@@ -344,12 +358,7 @@ def dry_run(cfg: ExtractConfig, device: str, mine_ok: list[Record], bad: list) -
     import json as _json
 
     out = Path(cfg.out)
-    stored: dict = {}
-    if (out / "manifest.json").exists():
-        from lavender.attnstore import read_shard_indexes
-
-        stored = {i: e.get("extra", {}).get("fp") for i, (_, e) in read_shard_indexes(out).items()}
-    todo = [r for r in mine_ok if r.id not in stored or not fingerprint_matches(stored[r.id], r, cfg.qa_text)]
+    todo, _ = records_to_do(mine_ok, stored_fingerprints(out), cfg.qa_text)
     dm = DiffusionModel(cfg.dm, device, DTYPES[cfg.dtype])
     n = min(cfg.batch_size, max(1, len(todo)))
     x = torch.randn(n, dm.unet.config.in_channels, dm.latent_side, dm.latent_side, device=dm.device)
@@ -400,14 +409,7 @@ def _extract(cfg: ExtractConfig, state: Any, rank: int, world: int, device: str,
 
     for b in bad:
         fail(*b)
-    stored = writer.done_fingerprints()
-    todo, redo = [], set()
-    for r in mine_ok:
-        if r.id not in stored:
-            todo.append(r)
-        elif not fingerprint_matches(stored[r.id], r, cfg.qa_text):
-            todo.append(r)  # its text or image changed since its maps were stored: recompute, never reuse
-            redo.add(r.id)
+    todo, redo = records_to_do(mine_ok, writer.done_fingerprints(), cfg.qa_text)
     stats["skipped"] = len(mine_ok) - len(todo)
     stats["redone"] = len(redo)
     if redo:
