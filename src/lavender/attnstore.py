@@ -542,6 +542,9 @@ def import_parquet(path: str | Path, out_dir: str | Path) -> int:
     from datasets import load_dataset
 
     p = Path(path)
+    if not p.exists():
+        raise LavenderError(f"{p}: not found; give the folder `lavender data attention-export` wrote "
+                            "(attention.parquet + manifest.json) or a parquet file")
     folder = p if p.is_dir() else p.parent
     files = str(folder / "attention.parquet") if p.is_dir() else str(p)
     ds = load_dataset("parquet", data_files=files, split="train")
