@@ -62,7 +62,7 @@ def data(a: argparse.Namespace) -> dict[str, Path]:
                      ("shift", a.n_test)):
         p = root / f"{split}.jsonl"
         if not p.exists():
-            write_v2_split(root, split, n, seed=a.data_seed, p=a.p)
+            write_v2_split(root, split, n, seed=a.data_seed, p=a.p, binding=a.binding)
         paths[split] = p
     for n in a.sizes:
         paths[f"train{n}"] = prefix(paths["train"], n, f"train{n}.jsonl")
@@ -127,6 +127,9 @@ def main() -> None:
                     help="the Lavender arm's pairs: the referent's answer word (default) or its whole phrase")
     ap.add_argument("--stage1", default=None,
                     help="a Stage-1 YAML (ExtractConfig) for the DM teacher instead of the DM's stage1.yaml")
+    ap.add_argument("--binding", action="store_true",
+                    help="binding pressure: the decoy shares the referent's naming attribute; the question names "
+                         "the referent's side too (use a fresh --out: the data folder is cached)")
     ap.add_argument("--name", default="", help="prefix of the run folders (variants beside the main runs)")
     ap.add_argument("--publish", default=None,
                     help="write the FIRST size's summary here in the demo's results.json contract (+ size, p)")
@@ -187,7 +190,7 @@ def main() -> None:
         log(f"recipe: {best} (iid-val {grid[best]['iid-val']:.3f}, train {grid[best]['train']:.3f})")
 
     evals = {"iid": paths["iid"], "shift": paths["shift"], "train": paths["train_acc"]}
-    summary: dict[str, Any] = {"p": a.p, "arch": a.arch, "seeds": a.seeds, "recipe": {
+    summary: dict[str, Any] = {"p": a.p, "arch": a.arch, "binding": a.binding, "seeds": a.seeds, "recipe": {
         "steps": base.steps, "learning_rate": base.learning_rate, "full": base.full, "ratio": base.ratio,
         "att_loss": base.att_loss, "aligner": base.aligner, "batch_size": base.batch_size},
         "recipe_grid_iid_val": grid, "premise": premise, "sizes": {}}

@@ -104,3 +104,35 @@ def test_phrase_pairs_span_the_referents_colour_and_shape(tmp_path) -> None:
         assert word["align_pairs"] == rec["align_pairs"]  # "word" leaves a record as it is
     with pytest.raises(ValueError, match="choose one of word, phrase"):
         write_v2_split(tmp_path, "train", 1, pair="sentence")
+
+
+def test_binding_pressure_names_the_referent_by_two_attributes(tmp_path) -> None:
+    """``binding=True``: the decoy carries the referent's naming word too, so the question must add the
+    referent's side; the side is read from the PIXELS (mask centres), the pair still names the referent,
+    the decoy shares the answer at rate p in train and never in shift, and plain v2 is unchanged."""
+    for split, p in (("train", 1.0), ("shift", 1.0)):
+        path = write_v2_split(tmp_path / split, split, 40, seed=2, p=p, binding=True)
+        for rec in map(json.loads, open(path)):
+            masks = load_object_masks(rec, tmp_path / split)
+            ref, dec = rec["objects"][rec["referent"]], rec["objects"][rec["decoy"]]
+            attr = "colour" if rec["type"] == "colour" else "shape"
+            name = "shape" if attr == "colour" else "colour"
+            assert ref[name] == dec[name] and sum(o[name] == ref[name] for o in rec["objects"]) == 2
+            x_ref, x_dec = (np.nonzero(masks[rec[k]])[1].mean() for k in ("referent", "decoy"))
+            side = "left" if x_ref < x_dec else "right"
+            assert rec["messages"][0]["content"].endswith(f"{ref[name]}{' object' if name == 'colour' else ''} "
+                                                          f"on the {side}?")
+            assert rec["decoy_shares"] == (split == "train") == (dec[attr] == ref[attr])
+            (pair,) = rec["align_pairs"]
+            assert rec["align_text"][: pair["dm_start"]].count(" and ") == rec["referent"]
+            assert rec["id"].startswith("v2b") and rec["binding"] is True
+    plain = [v2_example(0, "train", i, 1.0)[0].caption for i in range(10)]
+    assert plain != [v2_example(0, "train", i, 1.0, binding=True)[0].caption for i in range(10)]
+    assert plain == [v2_example(0, "train", i, 1.0)[0].caption for i in range(10)]
+
+
+def test_binding_needs_world_v2() -> None:
+    from lavender.config import ScenesConfig, UsageError
+
+    with pytest.raises(UsageError, match="--world v2"):
+        ScenesConfig(out="x", n=3, binding=True)

@@ -936,10 +936,14 @@ class ScenesConfig(Checked):
     p: float = opt(1.0, "v2: probability that the decoy shares the answer attribute (train, iid-val, iid, combo)")
     pair: Pairing = opt("word", "v2: pair the answer with the referent's answer word, or its whole phrase "
                         "(\"red circle\": the DM target is the mean of both words' maps)")
+    binding: bool = opt(False, "v2: binding pressure — the decoy shares the referent's naming attribute and the "
+                        "question names the referent's side too (\"the circle on the left\")")
 
     def __post_init__(self) -> None:
         self.check_choices()
         _positive(n=self.n)
+        if self.binding and self.world != "v2":
+            raise UsageError("--binding is a world-v2 option; add --world v2")
         allowed = V2_SPLITS if self.world == "v2" else V1_SPLITS
         if self.split not in allowed:
             raise UsageError(f"--split {self.split!r} is not a {self.world} split; choose one of {', '.join(allowed)}")

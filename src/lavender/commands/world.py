@@ -23,8 +23,9 @@ def run_scenes(args: ScenesConfig) -> int:
     if args.world == "v2":
         from lavender.world.v2 import write_v2_split
 
-        path = write_v2_split(args.out, args.split, args.n, args.seed, args.p, args.pair)
-        print(f"wrote {args.n} world-v2 VQA records (p={args.p}, {args.pair} pairs) to {path}")
+        path = write_v2_split(args.out, args.split, args.n, args.seed, args.p, args.pair, args.binding)
+        print(f"wrote {args.n} world-v2 VQA records (p={args.p}, {args.pair} pairs"
+              f"{', binding pressure' if args.binding else ''}) to {path}")
         return 0
     write = write_captions if args.captions else write_split
     path = write(args.out, args.split, args.n, args.seed)

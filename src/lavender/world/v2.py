@@ -18,8 +18,12 @@ Splits (record ``i`` of a split has its own generator, as in v1): ``train``; ``i
 ``shift-val`` for designing the world and choosing the AR recipe (``shift-val`` never chooses an
 arm's hyper-parameters); ``iid``, ``shift`` and ``combo`` are reported only.
 
-Not in v2 yet (docs/world_v2.md): referents named by two attributes ("the small red object"), which
-need size words both world models were never trained on.
+**Binding pressure** (``binding=True``): the decoy carries the referent's NAMING attribute too ("What
+colour is the circle on the left?" with a large circle on the right), so the naming word no longer
+identifies the referent: the question names it by two attributes, its naming attribute and its side
+relative to the decoy (``left``/``right``, words both world models were trained on; size words were
+never in either model's training text, docs/world_v2.md says why that choice). With ``p`` the decoy
+also shares the answer attribute: then the two objects differ only in size and place.
 """
 
 from __future__ import annotations
@@ -59,14 +63,22 @@ V2_TEMPLATES: dict[str, tuple[str, ...]] = {
     "colour": ("What colour is the {shape}?", "What is the colour of the {shape}?"),
     "shape": ("What shape is the {colour} object?", "What is the shape of the {colour} object?"),
 }
+# binding pressure: the referent is named by its other attribute AND its side relative to the decoy
+V2_BINDING_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour": ("What colour is the {shape} on the {side}?", "What is the colour of the {shape} on the {side}?"),
+    "shape": ("What shape is the {colour} object on the {side}?",
+              "What is the shape of the {colour} object on the {side}?"),
+}
 _SPLIT_CODE = {s: 100 + i for i, s in enumerate(V2_SPLITS)}  # never v1's stream codes
+_BINDING_CODE = 50  # added to the split's code: binding-pressure streams never repeat plain v2 records
+MIN_SIDE_DX = 6.0  # pixels between the referent's and the decoy's centres, so "left"/"right" is clear
 _MAX_DRAWS = 1000
 
 
-def v2_rng(seed: int, split: str, index: int) -> np.random.Generator:
+def v2_rng(seed: int, split: str, index: int, binding: bool = False) -> np.random.Generator:
     """The generator of v2 record ``index`` of ``split``: independent of ``n`` and of other splits."""
     check_split(split)
-    return np.random.default_rng([int(seed), _SPLIT_CODE[split], int(index)])
+    return np.random.default_rng([int(seed), _SPLIT_CODE[split] + (_BINDING_CODE if binding else 0), int(index)])
 
 
 def check_split(split: str) -> None:
@@ -78,9 +90,12 @@ def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
 
-def _objects(rng: np.random.Generator, kind: str, p: float, split: str
+def _objects(rng: np.random.Generator, kind: str, p: float, split: str, binding: bool = False
              ) -> tuple[list[tuple[str, str, str]], int, int] | None:
-    """(colour, shape, size) per object, the referent's and decoy's indices; None to redraw."""
+    """(colour, shape, size) per object, the referent's and decoy's indices; None to redraw.
+
+    ``binding``: the decoy has the referent's naming attribute (and, when it shares, its answer too:
+    the same pair as the referent, allowed even for a held-out ``combo`` referent)."""
     shares_p, held = V2_SPLITS[split]
     pool = sorted(HELD_OUT_PAIRS) if held else list(SEEN_PAIRS)
     ref_c, ref_s = _pick(rng, pool)
@@ -88,10 +103,12 @@ def _objects(rng: np.random.Generator, kind: str, p: float, split: str
     share = bool(rng.random() < p) if shares_p else False
     # the decoy: other naming attribute; the answer attribute equal to the referent's iff ``share``
     seen = list(SEEN_PAIRS)
+    pool_d = seen + ([(ref_c, ref_s)] if binding and (ref_c, ref_s) not in seen else [])
+    same_name = binding  # the decoy's naming attribute equals the referent's iff binding pressure
     if answer_is_colour:
-        cands = [(c, s) for c, s in seen if s != ref_s and ((c == ref_c) == share)]
+        cands = [(c, s) for c, s in pool_d if (s == ref_s) == same_name and ((c == ref_c) == share)]
     else:
-        cands = [(c, s) for c, s in seen if c != ref_c and ((s == ref_s) == share)]
+        cands = [(c, s) for c, s in pool_d if (c == ref_c) == same_name and ((s == ref_s) == share)]
     if not cands:
         return None
     decoy = _pick(rng, cands)
@@ -109,15 +126,18 @@ def _objects(rng: np.random.Generator, kind: str, p: float, split: str
     return objs, 0, 1
 
 
-def v2_example(seed: int, split: str, index: int, p: float) -> tuple[Scene, dict]:
-    """Scene and record fields of v2 record ``index``; kinds alternate (colour, shape, ...)."""
+def v2_example(seed: int, split: str, index: int, p: float, binding: bool = False) -> tuple[Scene, dict]:
+    """Scene and record fields of v2 record ``index``; kinds alternate (colour, shape, ...).
+
+    ``binding``: binding pressure (module docstring): the decoy shares the referent's naming attribute
+    and the question also names the referent's side relative to the decoy."""
     check_split(split)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p={p}: the decoy rate must be in [0, 1]")
     kind = V2_KINDS[index % len(V2_KINDS)]
-    rng = v2_rng(seed, split, index)
+    rng = v2_rng(seed, split, index, binding)
     for _ in range(_MAX_DRAWS):
-        got = _objects(rng, kind, p, split)
+        got = _objects(rng, kind, p, split, binding)
         if got is not None:
             break
     else:  # pragma: no cover - the pools always allow a decoy
@@ -125,19 +145,26 @@ def v2_example(seed: int, split: str, index: int, p: float) -> tuple[Scene, dict
     specs, ref, dec = got
     sides = [int(rng.integers(SIZE_RANGES[sz][0], SIZE_RANGES[sz][1] + 1)) for _, _, sz in specs]
     order = np.argsort([-s for s in sides], kind="stable")
-    corners: list = [None] * len(specs)
-    for i, xy in zip(order, place_objects(rng, [sides[i] for i in order])):
-        corners[i] = xy
-    objs = [SceneObject(c, s, sz, x, y, side) for (c, s, sz), side, (x, y) in zip(specs, sides, corners)]
+    for _ in range(_MAX_DRAWS):
+        corners: list = [None] * len(specs)
+        for i, xy in zip(order, place_objects(rng, [sides[i] for i in order])):
+            corners[i] = xy
+        objs = [SceneObject(c, s, sz, x, y, side) for (c, s, sz), side, (x, y) in zip(specs, sides, corners)]
+        if not binding or abs(objs[ref].centre[0] - objs[dec].centre[0]) >= MIN_SIDE_DX:
+            break
+    else:  # pragma: no cover - two objects side by side always fit
+        raise RuntimeError(f"no v2 layout with the referent and decoy {MIN_SIDE_DX} px apart")
+    side_word = "left" if objs[ref].centre[0] < objs[dec].centre[0] else "right"
     tagged = sorted(enumerate(objs), key=lambda t: (t[1].centre[0], t[1].centre[1]))  # caption order
     where = {orig: k for k, (orig, _) in enumerate(tagged)}
     scene = render_scene(tuple(o for _, o in tagged))
     r, d = scene.objects[where[ref]], scene.objects[where[dec]]
-    template = int(rng.integers(len(V2_TEMPLATES[kind])))
+    templates = (V2_BINDING_TEMPLATES if binding else V2_TEMPLATES)[kind]
+    template = int(rng.integers(len(templates)))
     if kind == "colour":
-        question, answer = V2_TEMPLATES[kind][template].format(shape=r.shape), r.colour
+        question, answer = templates[template].format(shape=r.shape, side=side_word), r.colour
     else:
-        question, answer = V2_TEMPLATES[kind][template].format(colour=r.colour), r.shape
+        question, answer = templates[template].format(colour=r.colour, side=side_word), r.shape
     # the referent's answer word in the caption: word 3k+1 (colour) or 3k+2 (shape) of object k,
     # counted among grounded words as 2k (colour) / 2k+1 (shape)
     wm = scene.word_masks
@@ -147,8 +174,9 @@ def v2_example(seed: int, split: str, index: int, p: float) -> tuple[Scene, dict
         raise AssertionError(f"caption word {wm.words[g]!r} is not the answer {answer!r}")
     attr = "colour" if kind == "colour" else "shape"
     fields = {
-        "type": kind, "question": question, "answer": answer, "template": f"v2.{kind}.{template}",
-        "referent": where[ref], "decoy": where[dec],
+        "type": kind, "question": question, "answer": answer,
+        "template": f"{'v2b' if binding else 'v2'}.{kind}.{template}",
+        "referent": where[ref], "decoy": where[dec], "binding": binding,
         "decoy_shares": getattr(d, attr) == getattr(r, attr),
         "align_pairs": [{"message": 1, "start": 0, "end": len(answer),
                          "dm_start": int(dm_start), "dm_end": int(dm_end)}],
@@ -161,7 +189,8 @@ def referent_phrase(record: dict) -> list[tuple[int, int]]:
 
     The caption names object ``k`` (caption order) with grounded words ``2k`` (colour) and ``2k + 1``
     (shape); the pair of them is the only place the caption identifies the referent when the decoy
-    shares the answer word (the naming word occurs once: the decoy and distractors never carry it).
+    shares the answer word (the naming word occurs once: the decoy and distractors never carry it;
+    under binding pressure the decoy carries it too, and only the words' places tell them apart).
     """
     spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", record["align_text"])
              if m.group() in COLOURS or m.group() in SHAPES]
@@ -191,9 +220,10 @@ def write_with_pairs(src: str | os.PathLike, dst: str | os.PathLike, pair: str) 
 
 
 def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0, p: float = 1.0,
-                   pair: str = "word") -> Path:
+                   pair: str = "word", binding: bool = False) -> Path:
     """Write ``n`` v2 VQA records of ``split`` to ``out_dir/<split>.jsonl`` (images and masks beside it);
-    ``pair`` (:func:`with_pairs`) says which span of the caption the answer is paired with."""
+    ``pair`` (:func:`with_pairs`) says which span of the caption the answer is paired with;
+    ``binding`` writes the binding-pressure variant (ids ``v2b<split>_…``)."""
     check_split(split)
     if pair not in PAIRINGS:
         raise ValueError(f"pair={pair!r}: choose one of {', '.join(PAIRINGS)}")
@@ -203,8 +233,8 @@ def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0
 
     def rows():
         for i in scene_progress(range(n), n, f"world v2 {split}"):
-            scene, f = v2_example(seed, split, i, p)
-            ex_id = f"v2{split}_{i:06d}"
+            scene, f = v2_example(seed, split, i, p, binding)
+            ex_id = f"{'v2b' if binding else 'v2'}{split}_{i:06d}"
             img, masks = save_example(root, ex_id, scene)
             yield with_pairs({"id": ex_id, "images": [img],
                    "messages": [{"role": "user", "content": "<image>" + f["question"]},
@@ -212,7 +242,8 @@ def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0
                    "align_text": scene.caption, "type": f["type"], "answers": [f["answer"]],
                    "masks": masks, "objects": [o.to_dict() for o in scene.objects],
                    "template": f["template"], "referent": f["referent"], "decoy": f["decoy"],
-                   "decoy_shares": f["decoy_shares"], "align_pairs": f["align_pairs"], "p": p}, pair)
+                   "decoy_shares": f["decoy_shares"], "align_pairs": f["align_pairs"], "p": p,
+                   **({"binding": True} if binding else {})}, pair)
 
     return write_scene_jsonl(root / f"{split}.jsonl", rows())
 
