@@ -9,7 +9,7 @@ one column, a wrong tile layout or uncropped padding is off by at least one cell
 
 How a token maps to a ``pixel_values`` patch is the model's own vision pipeline, written here from
 the model code (not from the family): Mllama tiles = CLS + patches row-major; LLaVA/CLIP patches
-row-major; Qwen2-VL patches in 2×2 merge windows; Idefics3 crops row-major + global, pixel shuffle
+row-major; Qwen2-VL (14 px) and Qwen3-VL (16 px) patches in 2×2 merge windows; Idefics3 crops row-major + global, pixel shuffle
 keeping k×k row-major. Self-attention models fill the n-th placeholder with the n-th feature.
 """
 
@@ -211,6 +211,36 @@ def test_gemma3_squashed_whole_image_pooled(tiny_vlm, size):
             return pv[j, :, pr * 14:(pr + 1) * 14, pc * 14:(pc + 1) * 14]
 
         assert check_grid(grid, patch_of_key, processor.image_processor) == 16
+
+
+@pytest.mark.parametrize("size", [(150, 60), (300, 40), (40, 300), (20, 24), (64, 64)])
+def test_qwen3_vl_merged_16px_patches(tiny_vlm, size):
+    """Qwen3-VL: the whole image resized to multiples of 32 px (very wide / tall kept, small scaled up),
+    16-px patches in 2×2 merge windows → one token each, row-major; two images in the second sample,
+    which is padded (its keys shift)."""
+    fam, processor, config = load(tiny_vlm, "qwen3_vl")
+    other = (56, 90)
+    text = [chat(processor), "hello there " + chat(processor, 2)]
+    inputs = processor(images=[[index_image(*size)], [index_image(*size), index_image(*other)]], text=text,
+                       return_tensors="pt", padding=True)
+    grids = fam.image_grids(inputs, [[size], [size, other]], config, processor)
+    thw = inputs["image_grid_thw"].tolist()
+    assert [(g.rows, g.cols) for g in grids] == [(h // 2, w // 2) for _, h, w in thw]
+    if size[0] > 2 * size[1]:
+        assert grids[0].cols > 2 * grids[0].rows  # a very wide image keeps its shape (no tiling, no crop)
+    tp, patch = processor.image_processor.temporal_patch_size, 16
+    patches = inputs["pixel_values"].numpy().reshape(-1, 3, tp, patch, patch)[:, :, 0]  # (N, 3, 16, 16)
+    starts = np.cumsum([0] + [t * h * w for t, h, w in thw])
+    ranks = [rank_of(inputs["input_ids"][b], config.image_token_id) for b in range(2)]
+    for k, grid in enumerate(grids):  # grids are in batch order, as image_grid_thw
+        rank, first = ranks[grid.batch_index], int(grid.key_index.min())
+
+        def patch_of_key(key: int, rank=rank, first=first, offset=int(starts[k])) -> np.ndarray:
+            n = offset + 4 * (rank[key] - rank[first])  # merged token n = patches 4n .. 4n+3 of its image
+            window = patches[n: n + 4]
+            return np.concatenate([np.concatenate(window[:2], axis=2), np.concatenate(window[2:], axis=2)], axis=1)
+
+        assert check_grid(grid, patch_of_key, processor.image_processor) == grid.rows * grid.cols
 
 
 @pytest.mark.parametrize("size,layout", [((100, 40), (1, 2)), ((90, 100), (2, 2)), ((30, 100), (2, 1)),

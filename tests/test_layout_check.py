@@ -30,7 +30,7 @@ FAMILIES = sorted(TEMPLATES)
 # the text the released template writes right after an assistant message (LLaVA-1.5: none; the
 # tokenizer's EOS is trained instead, as LLaVA-1.5 was trained)
 END_OF_TURN = {"mllama": "<|eot_id|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>",
-               "gemma3": "<end_of_turn>"}
+               "gemma3": "<end_of_turn>", "qwen3_vl": "<|im_end|>"}
 
 U, A, S = "user", "assistant", "system"
 CONVERSATIONS = {
@@ -149,6 +149,8 @@ RENDERED = {
                  "<end_of_utterance>\n"),
     "gemma3": ("<bos><start_of_turn>user\n<start_of_image>What colour is the circle?<end_of_turn>\n"
                "<start_of_turn>model\nRed.<end_of_turn>\n"),
+    "qwen3_vl": ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour is the circle?"
+                 "<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"),
 }
 
 

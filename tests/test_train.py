@@ -193,6 +193,28 @@ def _cli_family(tiny_vlm, world, tmp_path, arch: str) -> list[dict]:
     return [json.loads(ln) for ln in open(out / "metrics.jsonl")]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapter_reload_equals_the_trained_model_on_every_family(tiny_vlm, world, tmp_path, arch: str) -> None:
+    """λ > 0 training, then the base model + ``PeftModel.from_pretrained(run)`` gives the trained model's
+    logits (and not the base model's: the adapter moved)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    run = str(tmp_path / "run")
+    trainer = build_trainer(*_args(tiny_vlm, world, run, arch=arch, max_steps=1, learning_rate=1e-2))
+    trainer.train()
+    trainer.save_model(run)
+    batch = _batch(trainer)
+    batch.pop("lavender")
+    with torch.no_grad():
+        ref = trainer.model.eval()(**batch).logits
+        base = AutoModelForImageTextToText.from_pretrained(tiny_vlm(arch)).eval()
+        before = base(**batch).logits
+        out = PeftModel.from_pretrained(base, run).eval()(**batch).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, ref, atol=1e-4), "training changed nothing: the check would be vacuous"
+
+
 def test_full_finetuning_writes_a_plain_model_folder(tiny_vlm, world, tmp_path) -> None:
     from transformers import AutoModelForImageTextToText
 
@@ -229,7 +251,8 @@ def test_two_process_cpu_training_with_accelerate(tiny_vlm, world, tmp_path) -> 
     assert json.loads((out / "lavender_run.json").read_text())["world_size"] == 2
 
 
-@pytest.mark.parametrize("name", ["llama32_11b_lora.yaml", "llava15_7b_lora.yaml", "qwen2vl_7b_lora.yaml"])
+@pytest.mark.parametrize("name", ["llama32_11b_lora.yaml", "llava15_7b_lora.yaml", "qwen2vl_7b_lora.yaml",
+                                  "qwen3vl_8b_lora.yaml"])
 def test_shipped_example_configs_parse(name: str) -> None:
     from lavender.config import LavenderParser
 

@@ -24,6 +24,8 @@ pinned in ``tests/test_layout_check.py``. No third-party file is vendored.
   ``<|vision_start|><|image_pad|><|vision_end|>``.
 - ``idefics3`` (Idefics3-8B-Llama3; SmolVLM uses the same turn format over a GPT-2-style
   tokenizer): ``<|begin_of_text|>User:<image>…<end_of_utterance>\\nAssistant: …<end_of_utterance>\\n``.
+- ``qwen3_vl`` (Qwen3-VL-Instruct): ChatML as Qwen2-VL with the same Qwen2 tokenizer, but NO default
+  system prompt.
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ TEMPLATES: dict[str, str] = {
 }
 
 TEMPLATES["gemma3"] = ""  # filled below from the family's own template (its released format)
+# Qwen3-VL-Instruct: ChatML as Qwen2-VL but WITHOUT a default system prompt
+TEMPLATES["qwen3_vl"] = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- if m['content'] is string %}{{- m['content'] }}{%- else %}"
+    + _TEXT.replace("IMAGE", "'<|vision_start|><|image_pad|><|vision_end|>'")
+    + "{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 # (pre-tokenisation, bos, eos, pad, special tokens the family's processor needs)
 _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
@@ -86,6 +95,8 @@ _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
     "idefics3": ("llama3", "<|begin_of_text|>", "<end_of_utterance>", "<|finetune_right_pad_id|>",
                  ["<fake_token_around_image>", "<image>", "<global-img>", "<|end_of_text|>"]
                  + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]),
+    "qwen3_vl": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>",
+                 ["<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]),
     # Gemma 3: sentencepiece-style, no space prepended to the text; generation stops at <end_of_turn>
     "gemma3": ("gemma", "<bos>", "<end_of_turn>", "<pad>",
                ["<start_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]),
