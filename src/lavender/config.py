@@ -271,8 +271,9 @@ class ExtractConfig(Checked):
                                factory=lambda: [400])
     guidance: float | None = opt(None, "classifier-free guidance scale (default: 1.0 for ddim, 7.5 for nulltext)")
     map_size: int = opt(32, "side of the stored maps")
-    resolutions: list[int] = opt(help="side lengths of the UNet cross-attention maps to average",
-                                 factory=lambda: [16, 32])
+    resolutions: list[int] | None = opt(None, "side lengths of the cross-attention maps to average (default: the "
+                                        "teacher's: 16 32 for SD-1.x/2.x, every side for SDXL, the token grid "
+                                        "for SD3/Flux)")
     modules: list[str] | None = opt(None, "only these cross-attention modules (name prefixes, e.g. down_blocks.0); "
                                     "default: all at --resolutions. Old spelling: --layers", aliases=["--layers"])
     frame: Frame = opt("squash", "how the image fills the DM's square")
@@ -305,8 +306,9 @@ class ExtractConfig(Checked):
         self.timesteps = [int(t) for t in self.timesteps]
         if not self.timesteps or min(self.timesteps) < 0:
             raise UsageError(f"--timesteps {self.timesteps}: give one or more timesteps >= 0, e.g. 400")
-        self.resolutions = sorted({int(r) for r in self.resolutions})
-        if not self.resolutions or min(self.resolutions) < 1:
+        if self.resolutions is not None:
+            self.resolutions = sorted({int(r) for r in self.resolutions})
+        if self.resolutions is not None and (not self.resolutions or min(self.resolutions) < 1):
             raise UsageError(f"--resolutions {self.resolutions}: give positive map sides, e.g. 16 32")
         self.modules = list(self.modules) if self.modules else None
 
@@ -721,7 +723,7 @@ def report_error(prog: str, exc: BaseException, debug: bool) -> int:
 # --------------------------------------------------------------------------------- tools
 Metric = Literal["vqa", "anls", "relaxed", "mc", "yesno", "exact", "contains", "cider"]
 METRIC_NAMES: tuple[str, ...] = typing.get_args(Metric)
-DMArchitecture = Literal["tiny", "sd14"]
+DMArchitecture = Literal["tiny", "sd14", "sdxl", "sdxl-base"]
 
 
 def _check_family(name: str) -> None:
@@ -757,7 +759,8 @@ class TinyDMConfig(Checked):
     out: str = opt(dataclasses.MISSING, "folder to write the pipeline to", positional=True, metavar="OUT")
     seed: int = opt(0, "weight initialisation seed")
     image_size: int = opt(64, "image side in px, tiny only (64: cross-attention maps of side 32, 16)")
-    architecture: DMArchitecture = opt("tiny", "tiny, or sd14: SD-1.4 layer sizes, random float16 weights")
+    architecture: DMArchitecture = opt("tiny", "tiny (SD-1.x layout) or sdxl (tiny SDXL layout); sd14 / "
+                                       "sdxl-base: the real models' layer sizes, random float16 weights")
 
     def __post_init__(self) -> None:
         self.check_choices()

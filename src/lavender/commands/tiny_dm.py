@@ -1,11 +1,13 @@
 """Write a random Stable Diffusion pipeline: tiny (64 px, cross-attention at 32×32 and 16×16) or SD-1.4 size.
 
-  lavender tiny-dm OUT [--seed 0] [--image-size 64] [--architecture tiny|sd14]
+  lavender tiny-dm OUT [--seed 0] [--image-size 64] [--architecture tiny|sd14|sdxl|sdxl-base]
 
 Loadable with `StableDiffusionPipeline.from_pretrained(OUT)` and usable as `lavender extract --dm OUT`;
 built offline (the CLIP tokenizer's vocabulary and merges are written by lavender itself).
 `--architecture sd14` gives the shapes of CompVis/stable-diffusion-v1-4 (512 px, ~2 GB of random float16
 weights; `--image-size` is ignored), for GPU speed benchmarks and real-size smoke tests without hub access.
+`--architecture sdxl` is a tiny random `StableDiffusionXLPipeline` (two CLIP text encoders, "text_time"
+added conditioning, no cross-attention at the top UNet level); `sdxl-base` has SDXL base 1.0's shapes.
 """
 
 from __future__ import annotations

@@ -122,11 +122,14 @@ class CaptureCrossAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def cross_attention_sides(unet, latent_side: int, context_dim: int | None = None) -> dict[str, int]:
+def cross_attention_sides(unet, latent_side: int, context_dim: int | None = None,
+                          added_cond_kwargs: dict | None = None) -> dict[str, int]:
     """Attention-map side length of every cross-attention module, found by one probe forward.
 
     Returns processor key (``...attn2.processor``) → side. Probing (rather than deriving from block
-    names) works for any UNet2DConditionModel layout. Costs one UNet evaluation at batch 1.
+    names) works for any UNet2DConditionModel layout, SDXL's included (it has no cross-attention at
+    the highest resolution). ``added_cond_kwargs`` is what a UNet with added conditioning needs to run
+    at all (SDXL: batch-1 ``text_embeds`` and ``time_ids``). Costs one UNet evaluation at batch 1.
     """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -151,7 +154,7 @@ def cross_attention_sides(unet, latent_side: int, context_dim: int | None = None
         x = torch.zeros(1, unet.config.in_channels, latent_side, latent_side, device=p.device, dtype=p.dtype)
         ctx = torch.zeros(1, 77, dim, device=p.device, dtype=p.dtype)
         with torch.inference_mode():
-            unet(x, 0, ctx)
+            unet(x, 0, ctx, added_cond_kwargs=added_cond_kwargs)
     finally:
         unet.set_attn_processor(original)
     return seen

@@ -38,7 +38,17 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 # --------------------------------------------------------------------------------------- the model
 class DiffusionModel:
-    """The parts of a diffusers Stable Diffusion pipeline Stage 1 uses, with a UNet-call counter."""
+    """The parts of a diffusers Stable Diffusion pipeline Stage 1 uses, with a UNet-call counter.
+
+    The SD-1.x/2.x teacher; the others (SDXL, SD3, Flux) are in :mod:`lavender.diffusion.teachers` and
+    :func:`load_teacher` picks one from the pipeline folder. What the Extractor asks of any teacher:
+    ``attention_sides``, ``default_resolutions``, ``default_modules``, ``install_capture``, ``tokenize``,
+    ``encode_prompts``, ``null_embedding``, ``encode_images`` and a denoiser call (``eps`` here).
+    """
+
+    pipeline_class = "StableDiffusionPipeline"
+    flow = False  # a DDPM-style (ε / v) model, not a flow-matching one
+    default_modules: list[str] | None = None  # every cross-attention module at the chosen sides
 
     def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         from diffusers import StableDiffusionPipeline
@@ -46,6 +56,9 @@ class DiffusionModel:
         pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
                                                        feature_extractor=None, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
+        self._setup(pipe, path, device, dtype)
+
+    def _setup(self, pipe, path: str, device: str | torch.device, dtype: torch.dtype) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.unet = pipe.unet.to(self.device).eval().requires_grad_(False)
@@ -67,11 +80,35 @@ class DiffusionModel:
         """Predicted noise in float32 for float32 latents ``x`` (B, C, h, w) and text ``emb`` (B, 77, D)."""
         self.unet_calls += x.shape[0]
         tt = torch.full((x.shape[0],), max(t, 0), device=x.device, dtype=torch.long)
-        out = self.unet(x.to(self.dtype), tt, emb.to(self.dtype)).sample.float()
+        out = self._unet(x, tt, emb)
         if self.prediction_type == "v_prediction":  # SD-2.x 768: v = sqrt(a)·eps - sqrt(1-a)·x0  →  eps
             a = self.schedule.alpha(max(t, 0))
             out = a**0.5 * out + (1 - a) ** 0.5 * x
         return out
+
+    def _unet(self, x: torch.Tensor, tt: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw prediction in float32 (SDXL overrides this to unpack its added conditioning)."""
+        return self.unet(x.to(self.dtype), tt, emb.to(self.dtype)).sample.float()
+
+    def attention_sides(self) -> dict[str, int]:
+        """Processor key → attention-map side of every cross-attention module (one probe UNet call)."""
+        return cross_attention_sides(self.unet, self.latent_side)
+
+    def default_resolutions(self, sides: dict[str, int]) -> list[int]:
+        """``--resolutions`` when none is given: SD-1.x's 16 and 32 (the 512-px pyramid's middle levels)."""
+        return [16, 32]
+
+    def install_capture(self, store: AttentionAccumulator, sides: dict[str, int],
+                        modules: list[str] | None) -> list[str]:
+        return install_capture(self.unet, store, sides, modules)
+
+    def encode_prompts(self, enc: dict) -> torch.Tensor:
+        """The conditioning tensor the denoiser call takes, for :meth:`tokenize`'s output."""
+        return self.encode_text(enc["input_ids"])
+
+    def null_embedding(self) -> torch.Tensor:
+        """The unconditional ("") conditioning, batch 1."""
+        return self.encode_prompts(self.tokenize([""]))
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -91,6 +128,20 @@ class DiffusionModel:
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         # SD-1.x/2.x condition on the last hidden state; no attention mask unless the encoder asks for one
         return self.text_encoder(input_ids.to(self.device))[0].float()
+
+
+def load_teacher(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The teacher for the pipeline at ``path``, chosen by the class its ``model_index.json`` names:
+    SD-1.x/2.x (:class:`DiffusionModel`), SDXL, SD3 or Flux (:mod:`lavender.diffusion.teachers`)."""
+    from lavender.diffusion.teachers import TEACHERS, pipeline_class_of
+
+    name = pipeline_class_of(path)
+    if name is None or name == DiffusionModel.pipeline_class:
+        return DiffusionModel(path, device, dtype)
+    if name not in TEACHERS:
+        raise LavenderError(f"--dm {path}: its pipeline is a {name}; Stage 1 reads "
+                            f"{', '.join([DiffusionModel.pipeline_class, *TEACHERS])}")
+    return TEACHERS[name](path, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------- frames
@@ -211,17 +262,22 @@ class Extractor:
 
     def __init__(self, cfg: ExtractConfig, device: str | torch.device = "cpu"):
         self.cfg = cfg
-        self.dm = DiffusionModel(cfg.dm, device, DTYPES[cfg.dtype])
-        self.sides = cross_attention_sides(self.dm.unet, self.dm.latent_side)
+        self.dm = load_teacher(cfg.dm, device, DTYPES[cfg.dtype])
+        check = getattr(self.dm, "check_recipe", None)
+        if check is not None:
+            check(cfg.recipe)
+        self.sides = self.dm.attention_sides()
+        if cfg.resolutions is None:  # the teacher's own default, recorded in the manifest as given
+            cfg.resolutions = self.dm.default_resolutions(self.sides)
         self.store = AttentionAccumulator(cfg.resolutions, cfg.batch_size, self.dm.max_length, self.dm.device)
-        self.captured = install_capture(self.dm.unet, self.store, self.sides, cfg.modules)
+        self.captured = self.dm.install_capture(self.store, self.sides, cfg.modules or self.dm.default_modules)
         top = self.dm.schedule.num_train_timesteps
         if cfg.recipe == "noise" and max(cfg.timesteps) >= top:
             raise LavenderError(f"--timesteps {cfg.timesteps}: this DM's scheduler has {top} timesteps; "
                                 f"give values in 0..{top - 1}")
         self.dm.unet_calls = 0
         with torch.inference_mode():
-            self.null_emb = self.dm.encode_text(self.dm.tokenize([""])["input_ids"])  # (1, 77, D)
+            self.null_emb = self.dm.null_embedding()  # (1, 77, D) for SD-1.x
 
     def manifest(self) -> dict:
         c = self.cfg
@@ -235,7 +291,7 @@ class Extractor:
 
         from lavender import __version__
         return {
-            "dm": {"class": "StableDiffusionPipeline", "image_size": self.dm.image_size,
+            "dm": {"class": self.dm.pipeline_class, "image_size": self.dm.image_size,
                    "weights": dm_weights_fingerprint(str(c.dm))},
             "dm_path": str(c.dm),  # informational: the same weights under another path resume fine
             "preprocessing": PREPROCESSING_VERSION,
@@ -264,10 +320,12 @@ class Extractor:
         pixels = to_pixels([frame_image(im, dm.image_size, c.frame) for im in images])
         x0 = dm.encode_images(pixels)
         enc = dm.tokenize(texts)
-        cond = dm.encode_text(enc["input_ids"])
+        cond = dm.encode_prompts(enc)
         uncond = self.null_emb.expand(n, -1, -1)
         self.store.reset(n)
-        if c.recipe == "noise":
+        if dm.flow:
+            x_rec = dm.run_recipe(c, x0, cond, uncond, self.store, [r.id for r in records])
+        elif c.recipe == "noise":
             x_rec = run_noise(dm.eps, x0, cond, dm.schedule, self.store, c.timesteps,
                               record_noise([r.id for r in records], x0))
         elif c.recipe == "ddim":
@@ -359,21 +417,21 @@ def dry_run(cfg: ExtractConfig, device: str, mine_ok: list[Record], bad: list) -
 
     out = Path(cfg.out)
     todo, _ = records_to_do(mine_ok, stored_fingerprints(out), cfg.qa_text)
-    dm = DiffusionModel(cfg.dm, device, DTYPES[cfg.dtype])
+    dm = load_teacher(cfg.dm, device, DTYPES[cfg.dtype])
     n = min(cfg.batch_size, max(1, len(todo)))
-    x = torch.randn(n, dm.unet.config.in_channels, dm.latent_side, dm.latent_side, device=dm.device)
     pixels = torch.zeros(n, 3, dm.image_size, dm.image_size, device=dm.device)
     with torch.inference_mode():
-        emb = dm.encode_text(dm.tokenize(["a photo"] * n)["input_ids"])
-        dm.encode_images(pixels)
-        dm.eps(x, 500, emb)  # warm-up
+        emb = dm.encode_prompts(dm.tokenize(["a photo"] * n))
+        x = torch.randn_like(dm.encode_images(pixels))
+        forward = dm.velocity if dm.flow else dm.eps
+        forward(x, 500, emb)  # warm-up
         if dm.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         dm.encode_images(pixels)
         t_vae = time.perf_counter() - t0
         t0 = time.perf_counter()
-        dm.eps(x, 500, emb)
+        forward(x, 500, emb)
         if dm.device.type == "cuda":
             torch.cuda.synchronize()
         t_unet = time.perf_counter() - t0

@@ -143,7 +143,112 @@ ARCHITECTURES: dict[str, dict] = {
         "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                  "num_attention_heads": 12, "projection_dim": 768},
     },
+    # SDXL: no cross-attention at the highest UNet resolution (its first block is a plain DownBlock2D),
+    # cross_attention_dim = the two text encoders' widths concatenated, "text_time" added conditioning
+    # (pooled text of the second encoder + 6 size/crop ids, each embedded in addition_time_embed_dim).
+    "sdxl": {
+        "pipeline": "sdxl",
+        "image_size": None,
+        "dtype": torch.float32,
+        "unet": {
+            "layers_per_block": 1,
+            "block_out_channels": (16, 32, 32),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 1, 2),
+            "attention_head_dim": (2, 2, 2),
+            "cross_attention_dim": 64,  # 32 (text_encoder) + 32 (text_encoder_2)
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 8 * 6 + 32,  # 6 time ids + pooled text (projection_dim)
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            "block_out_channels": (16, 32),
+            "norm_num_groups": 8,
+        },
+        "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "projection_dim": 32},
+        "text_2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "projection_dim": 32, "hidden_act": "gelu"},
+    },
+    # the shapes of stabilityai/stable-diffusion-xl-base-1.0 (UNet 2.57B, CLIP ViT-L + OpenCLIP bigG encoders)
+    "sdxl-base": {
+        "pipeline": "sdxl",
+        "image_size": 1024,
+        "dtype": torch.float16,
+        "unet": {
+            "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2, 10),
+            "attention_head_dim": (5, 10, 20),
+            "cross_attention_dim": 2048,
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "scaling_factor": 0.13025,
+        },
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "projection_dim": 768},
+        "text_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                   "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"},
+    },
 }
+
+
+def _clip_config(tokenizer, sizes: dict):
+    """A CLIPTextConfig of ``sizes`` whose vocabulary and special ids are ``tokenizer``'s."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
+
+
+def _make_sdxl(out: Path, arch: dict, seed: int, image_size: int) -> Path:
+    """A random ``StableDiffusionXLPipeline`` with ``arch``'s sizes, saved to ``out``.
+
+    Both tokenizers are lavender's small CLIP BPE; the second pads with ``!`` as SDXL's OpenCLIP
+    tokenizer does, so its ids differ from the first's only in the padding (as in the real model)."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = make_tokenizer(out / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(out / "tokenizer", pad_token="!")
+    vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=image_size // vae_factor, in_channels=4, out_channels=4, **arch["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size, **arch["vae"])
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, arch["text"]))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, arch["text_2"]))
+    # SDXL base's scheduler config (Euler, leading spacing, offset 1)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
+    if arch["dtype"] != torch.float32:
+        pipe.to(arch["dtype"])
+    pipe.save_pretrained(out)
+    return out
 
 
 def make_tiny_dm(out: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE,
@@ -173,6 +278,8 @@ def make_tiny_dm(out: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE,
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if arch.get("pipeline") == "sdxl":
+        return _make_sdxl(out, arch, seed, image_size)
     tokenizer = make_tokenizer(out / "tokenizer")
     vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
     torch.manual_seed(seed)
