@@ -58,8 +58,8 @@ def prefix(path: Path, n: int, name: str) -> Path:
 def data(a: argparse.Namespace) -> dict[str, Path]:
     root = Path(a.out) / "data"
     paths = {}
-    for split, n in (("train", max(a.sizes)), ("iid-val", 200), ("shift-val", 200), ("iid", a.n_test),
-                     ("shift", a.n_test)):
+    tests = [("iid", a.n_test), ("shift", a.n_test)] + ([("combo", a.n_test)] if a.combo else [])
+    for split, n in (("train", max(a.sizes)), ("iid-val", 200), ("shift-val", 200), *tests):
         p = root / f"{split}.jsonl"
         if not p.exists():
             write_v2_split(root, split, n, seed=a.data_seed, p=a.p, binding=a.binding)
@@ -130,6 +130,8 @@ def main() -> None:
     ap.add_argument("--binding", action="store_true",
                     help="binding pressure: the decoy shares the referent's naming attribute; the question names "
                          "the referent's side too (use a fresh --out: the data folder is cached)")
+    ap.add_argument("--combo", action="store_true",
+                    help="also score the combo test split (held-out colour–shape referents, decoy rate p)")
     ap.add_argument("--name", default="", help="prefix of the run folders (variants beside the main runs)")
     ap.add_argument("--publish", default=None,
                     help="write the FIRST size's summary here in the demo's results.json contract (+ size, p)")
@@ -189,7 +191,8 @@ def main() -> None:
         base.steps, base.learning_rate = int(best.split(",")[0]), float(best.split(",")[1])
         log(f"recipe: {best} (iid-val {grid[best]['iid-val']:.3f}, train {grid[best]['train']:.3f})")
 
-    evals = {"iid": paths["iid"], "shift": paths["shift"], "train": paths["train_acc"]}
+    tests = ["iid", "shift"] + (["combo"] if a.combo else [])
+    evals = {**{t: paths[t] for t in tests}, "train": paths["train_acc"]}
     summary: dict[str, Any] = {"p": a.p, "arch": a.arch, "binding": a.binding, "seeds": a.seeds, "recipe": {
         "steps": base.steps, "learning_rate": base.learning_rate, "full": base.full, "ratio": base.ratio,
         "att_loss": base.att_loss, "aligner": base.aligner, "batch_size": base.batch_size},
@@ -211,8 +214,8 @@ def main() -> None:
                     attention=attention, evals=evals,
                     out=out / a.arch / f"{a.name}n{size}" / arm / f"seed{seed}", recipe=base,
                     probe=(paths["shift-val"], attn["shift-val"]), log=log))
-        majority = {s: majority_accuracy(train, paths[s])[1] for s in ("iid", "shift")}
-        s = summarise(results, ["iid", "shift"], majority, seeds) if "ar" in results else {}
+        majority = {s: majority_accuracy(train, paths[s])[1] for s in tests}
+        s = summarise(results, tests, majority, seeds) if "ar" in results else {}
         s["train_accuracy"] = {arm: sum(r["train"] for r in rs) / len(rs) for arm, rs in results.items()}
         s["attention_shift_val"] = {arm: {k: sum(r["attention"][k] for r in rs) / len(rs)
                                           for k in rs[0]["attention"]} for arm, rs in results.items()}
