@@ -97,6 +97,13 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {LABELS[arm]} | {pct(s['train_accuracy'][arm])} | {pct(i['mean'])} ± {pct(i['std'])} | "
                          f"{pct(sh['mean'])} ± {pct(sh['std'])} | {diff} | {pct(s['decoy_follow']['shift'][arm])} | "
                          f"{sum(lam) / len(lam):.3g} |")
+        if "combo" in s:  # the second shift: held-out colour–shape referents
+            lines += ["", "| arm | combo | combo − AR [95 % CI] |", "| --- | ---: | ---: |"]
+            for arm in LABELS:
+                if arm in s["combo"]:
+                    c, d = s["combo"][arm], s["paired"]["combo"].get(arm)
+                    diff = "" if d is None else f"{pct(d['mean'])} [{pct(d['ci95'][0])}, {pct(d['ci95'][1])}]"
+                    lines.append(f"| {LABELS[arm]} | {pct(c['mean'])} ± {pct(c['std'])} | {diff} |")
         lines += ["", "Answer-word attention on shift-val after fine-tuning (before any Aligner; mass ratio, 1 = "
                   "uniform):", "", "| arm | referent | decoy | selectivity | IoU | sink mass |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
