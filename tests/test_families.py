@@ -26,7 +26,8 @@ def test_registry_has_the_supported_families_and_rejects_duplicates():
 
 @pytest.mark.parametrize("model_type,name", [("mllama", "mllama"), ("llava", "llava"), ("qwen2_vl", "qwen2_vl"),
                                              ("qwen2_5_vl", "qwen2_vl"), ("idefics3", "idefics3"),
-                                             ("smolvlm", "idefics3"), ("gemma3", "gemma3"), ("qwen3_vl", "qwen3_vl")])
+                                             ("smolvlm", "idefics3"), ("gemma3", "gemma3"), ("qwen3_vl", "qwen3_vl"),
+                                             ("llava_onevision", "llava_onevision"), ("llava_next", "llava_next")])
 def test_detection_from_config(model_type, name):
     assert family_for_config({"model_type": model_type}).name == name
 

@@ -275,6 +275,115 @@ def test_idefics3_unsplit_image_is_the_global_view(tiny_vlm):
     assert (grid.rows, grid.cols) == (4, 4) and grid.covers == (0.0, 0.0, 100.0, 40.0)
 
 
+# --- LLaVA-OneVision / LLaVA-NeXT: anyres crops, unpadding, newlines, base view ----------------------
+def _anyres_packed(arch: str, config, inputs, image_processor) -> list[np.ndarray]:
+    """Per image, what the MODEL puts at each of its placeholders, from the model's own packing code.
+
+    Each view's patches (row-major; NeXT's CLS already dropped) become fake 5-channel features
+    ``(Σx, Σy, n, is_base, is_newline)`` over the patch's image pixels; the model's
+    ``pack_image_features`` then unpads, shrinks (OneVision) and adds newlines exactly as it does to
+    real features, so the n-th row of the result is what fills the image's n-th placeholder."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+    from transformers.models.llava_onevision.modeling_llava_onevision import (
+        LlavaOnevisionModel,
+        image_size_to_num_patches,
+    )
+
+    mean = np.asarray(image_processor.image_mean)[:, None, None]
+    std = np.asarray(image_processor.image_std)[:, None, None]
+    patch = config.vision_config.patch_size
+    nums = [int(n) for n in inputs.get("batch_num_images", [1] * len(inputs["image_sizes"]))]
+    single = [n == 1 for n in nums for _ in range(n)]
+    feats = []
+    for i, (h, w) in enumerate(inputs["image_sizes"].tolist()):
+        n_views = image_size_to_num_patches((h, w), config.image_grid_pinpoints, config.vision_config.image_size) \
+            if (single[i] or arch == "llava_next") else 1
+        pv = inputs["pixel_values"][i, :n_views].numpy() * std + mean  # (views, 3, S, S) in [0, 1]
+        v, _, s, _ = pv.shape
+        cells = pv.reshape(v, 3, s // patch, patch, s // patch, patch).transpose(0, 2, 4, 1, 3, 5)
+        # image pixels only: OneVision pads multi-image views with the mean colour (x ≈ 0.48·W), which
+        # the resize blends into the border pixels; B > 0.95 keeps pixels that are ≥ 90 % image
+        inside = cells[:, :, :, 2] > 0.95  # (v, r, c, p, p)
+        f = np.stack([(cells[:, :, :, 0] * w * inside).sum((-1, -2)), (cells[:, :, :, 1] * h * inside).sum((-1, -2)),
+                      inside.sum((-1, -2)), np.zeros(inside.shape[:3]), np.zeros(inside.shape[:3])], -1)
+        f[0, ..., 3] = 1.0  # the first view is the base view
+        feats.append(torch.tensor(f.reshape(v, -1, 5), dtype=torch.float32))
+    model = SimpleNamespace(config=config)
+    newline = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])
+    if arch == "llava_onevision":
+        packed, _ = LlavaOnevisionModel.pack_image_features(model, feats, inputs["image_sizes"], newline,
+                                                            config.vision_aspect_ratio)
+    else:
+        packed, _ = LlavaNextModel.pack_image_features(model, feats, inputs["image_sizes"], "default", newline)
+    return [p.numpy() for p in packed]
+
+
+def check_packed_grid(grid, feats: np.ndarray, rank: dict[int, int]) -> None:
+    """Every grid cell's placeholder holds an image feature (no newline; no base view when the model
+    kept a high-res grid) whose mean (x, y) is the cell's centre, from ``covers`` alone."""
+    assert len(rank) == feats.shape[0], "processor and model disagree on the number of image tokens"
+    has_grid = ((feats[:, 3] == 0) & (feats[:, 4] == 0)).any()
+    keys = grid.key_index.view(grid.rows, grid.cols)
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            sx, sy, n, is_base, is_newline = feats[rank[int(keys[r, c])]]
+            assert is_newline == 0, f"cell ({r}, {c}) is an image_newline token"
+            assert not (has_grid and is_base > 0), f"cell ({r}, {c}) is a base-view token"
+            assert n > 0, f"cell ({r}, {c}) reads only padding"
+            ex, ey, cw, ch = expected_centre(grid, r, c)
+            assert abs(sx / n - ex) < TOL * cw and abs(sy / n - ey) < TOL * ch, (
+                f"cell ({r}, {c}) of {grid.rows}x{grid.cols}: holds ({sx / n:.1f}, {sy / n:.1f}), expected "
+                f"({ex:.1f}, {ey:.1f}) ± ({TOL * cw:.1f}, {TOL * ch:.1f})")
+
+
+# (size, expected grid): small (1 crop), wide/tall (1×3, 3×1), 2×3 and 3×3 crops shrunk by anyres_max_4,
+# square 2×2; 300×20: unpadding leaves no grid row, the model keeps only the base view
+ANYRES_CASES = {
+    "llava_onevision": [((20, 24), (4, 4)), ((150, 40), (4, 12)), ((40, 170), (12, 2)), ((70, 40), (6, 12)),
+                        ((90, 100), (8, 7)), ((56, 56), (8, 8)), ((300, 20), (4, 4))],
+    "llava_next": [((20, 24), (4, 4)), ((150, 40), (4, 12)), ((40, 170), (12, 2)), ((70, 40), (4, 8)),
+                   ((90, 100), (8, 8)), ((300, 20), (4, 4))],
+}
+
+
+@pytest.mark.parametrize("arch,size,shape", [(a, s, g) for a, cases in ANYRES_CASES.items() for s, g in cases],
+                         ids=[f"{a}-{s[0]}x{s[1]}" for a, cases in ANYRES_CASES.items() for s, _ in cases])
+def test_anyres_crops_unpadded_onto_one_grid(tiny_vlm, arch, size, shape):
+    """LLaVA-OneVision / NeXT: crops stitched, unpadded (and shrunk) by the model, newlines and the base
+    view skipped; the same image twice in a padded batch of two samples (the second one's keys shift)."""
+    fam, processor, config = load(tiny_vlm, arch)
+    text = [chat(processor), "hello there " + chat(processor)]
+    inputs = processor(images=[[index_image(*size)], [index_image(*size)]], text=text, return_tensors="pt",
+                       padding=True)
+    grids = fam.image_grids(inputs, [[size], [size]], config, processor)
+    assert [(g.rows, g.cols) for g in grids] == [shape, shape]
+    packed = _anyres_packed(arch, config, inputs, processor.image_processor)
+    for grid in grids:
+        check_packed_grid(grid, packed[grid.batch_index], rank_of(inputs["input_ids"][grid.batch_index],
+                                                                  config.image_token_id))
+
+
+def test_onevision_multi_image_sample_is_one_padded_view_each(tiny_vlm):
+    """Two images in one sample: OneVision does not crop them; each is padded to a square (centred) and
+    resized to one 4×4 view + a newline. A one-image sample beside it is cropped as usual."""
+    fam, processor, config = load(tiny_vlm, "llava_onevision")
+    sizes = [[(60, 40), (36, 50)], [(70, 40)]]
+    inputs = processor(images=[[index_image(*s) for s in ss] for ss in sizes],
+                       text=[chat(processor, 2), chat(processor)], return_tensors="pt", padding=True)
+    grids = fam.image_grids(inputs, sizes, config, processor)
+    assert [(g.rows, g.cols) for g in grids] == [(4, 4), (4, 4), (6, 12)]
+    assert grids[0].covers == (0.0, -10.0, 60.0, 50.0) and grids[1].covers == (-7.0, 0.0, 43.0, 50.0)
+    packed = _anyres_packed("llava_onevision", config, inputs, processor.image_processor)
+    ranks = [rank_of(inputs["input_ids"][b], config.image_token_id) for b in range(2)]
+    check_packed_grid(grids[2], packed[2], ranks[1])
+    for j, grid in enumerate(grids[:2]):  # the sample's placeholders: image 0's 17, then image 1's 17
+        first = 17 * j
+        rank = {k: n - first for k, n in ranks[0].items() if first <= n < first + 17}
+        check_packed_grid(grid, packed[j], rank)
+
+
 # --- to_frame against hand-made cases ---------------------------------------------------------------
 def one_hot(rows: int, cols: int, r: int, c: int) -> torch.Tensor:
     g = torch.zeros(rows, cols)

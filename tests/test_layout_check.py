@@ -30,7 +30,7 @@ FAMILIES = sorted(TEMPLATES)
 # the text the released template writes right after an assistant message (LLaVA-1.5: none; the
 # tokenizer's EOS is trained instead, as LLaVA-1.5 was trained)
 END_OF_TURN = {"mllama": "<|eot_id|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>",
-               "gemma3": "<end_of_turn>", "qwen3_vl": "<|im_end|>"}
+               "gemma3": "<end_of_turn>", "qwen3_vl": "<|im_end|>", "llava_onevision": "<|im_end|>"}
 
 U, A, S = "user", "assistant", "system"
 CONVERSATIONS = {
@@ -79,7 +79,7 @@ def _expected_words(rec: Record, align_on: str, family: str) -> list[str]:
     """The words read: the last assistant turns' (answer) or all text (all) after the LAST image.
     LLaVA-1.5's released template writes a message's images before its text, wherever they were."""
     turns = [(m["role"], m["content"]) for m in rec.messages]
-    if family == "llava":
+    if family in ("llava", "llava_onevision"):
         turns = [(r, "<image>" * c.count("<image>") + c.replace("<image>", "")) for r, c in turns]
     last = max(i for i, (_, c) in enumerate(turns) if "<image>" in c)
     after = [(r, c.rsplit("<image>", 1)[1] if i == last else c) for i, (r, c) in enumerate(turns) if i >= last]
@@ -151,6 +151,8 @@ RENDERED = {
                "<start_of_turn>model\nRed.<end_of_turn>\n"),
     "qwen3_vl": ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour is the circle?"
                  "<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"),
+    "llava_onevision": ("<|im_start|>user\n<image>\nWhat colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
+                        "Red.<|im_end|>\n"),
 }
 
 

@@ -26,6 +26,8 @@ pinned in ``tests/test_layout_check.py``. No third-party file is vendored.
   tokenizer): ``<|begin_of_text|>User:<image>…<end_of_utterance>\\nAssistant: …<end_of_utterance>\\n``.
 - ``qwen3_vl`` (Qwen3-VL-Instruct): ChatML as Qwen2-VL with the same Qwen2 tokenizer, but NO default
   system prompt.
+- ``llava_onevision`` (llava-onevision-qwen2-*-ov-hf): ChatML over the Qwen2 tokenizer, no default
+  system prompt; a message's images come FIRST, each as ``<image>\\n``, then its text (as LLaVA-1.5).
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ TEMPLATES["qwen3_vl"] = (
     + _TEXT.replace("IMAGE", "'<|vision_start|><|image_pad|><|vision_end|>'")
     + "{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# LLaVA-OneVision (-ov-hf): ChatML, no default system prompt, a message's images before its text
+TEMPLATES["llava_onevision"] = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}{%- if m['content'] is string %}"
+    "{{- m['content'] }}{%- else %}{%- for c in m['content'] %}{%- if c['type'] == 'image' %}{{- '<image>\\n' }}"
+    "{%- endif %}{%- endfor %}{%- for c in m['content'] %}{%- if c['type'] == 'text' %}{{- c['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 # (pre-tokenisation, bos, eos, pad, special tokens the family's processor needs)
 _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
@@ -97,6 +106,7 @@ _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
                  + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]),
     "qwen3_vl": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>",
                  ["<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]),
+    "llava_onevision": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>", ["<|im_start|>", "<image>", "<video>"]),
     # Gemma 3: sentencepiece-style, no space prepended to the text; generation stops at <end_of_turn>
     "gemma3": ("gemma", "<bos>", "<end_of_turn>", "<pad>",
                ["<start_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]),
