@@ -172,3 +172,172 @@ def test_sdxl_base_architecture_has_sdxl_sizes():
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
     added = {"text_embeds": torch.zeros(1, 1280, device="meta"), "time_ids": torch.zeros(1, 6, device="meta")}
     assert sorted(set(cross_attention_sides(unet, 128, added_cond_kwargs=added).values())) == [32, 64]
+
+
+# ------------------------------------------------------------------------------------------- SD3
+@pytest.fixture(scope="module")
+def sd3():
+    return load_teacher(tiny("sd3"))
+
+
+def test_sd3_is_detected_with_transformer_defaults(sd3):
+    """Its own defaults: one resolution (the 8×8 token grid of a 16×16 latent in 2×2 patches), every
+    joint block; SD-1.x's 16/32 sides and UNet module names do not apply to it."""
+    from lavender.diffusion.teachers import SD3Model
+
+    assert isinstance(sd3, SD3Model) and sd3.flow and sd3.grid == 8
+    sides = sd3.attention_sides()
+    assert sides == {"transformer_blocks.0.attn.processor": 8, "transformer_blocks.1.attn.processor": 8}
+    assert sd3.default_resolutions(sides) == [8] and sd3.default_modules is None
+    with pytest.raises(ValueError, match=r"--resolutions \[16, 32\] not in this StableDiffusion3Pipeline"):
+        sd3.install_capture(AttentionAccumulator([16, 32], 1, 256), sides, None)
+    with pytest.raises(ValueError, match="match no joint attention block"):
+        sd3.install_capture(AttentionAccumulator([8], 1, 256), sides, ["down_blocks.0"])
+
+
+def test_sd3_conditioning_is_what_the_diffusers_pipeline_gives(sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    from lavender.diffusion.teachers import unpack
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny("sd3"))
+    texts = ["a red circle_x, left of squares", "two dogs"]
+    pe, ne, pp, npool = pipe.encode_prompt(texts, texts, texts, device="cpu", do_classifier_free_guidance=True)
+    tokens, pooled = unpack(sd3.encode_prompts(sd3.tokenize(texts)), sd3.pooled_dim)
+    assert tokens.shape == (2, 77 + 256, 32) and pooled.shape == (2, 24)
+    torch.testing.assert_close(tokens, pe)
+    torch.testing.assert_close(pooled, pp)
+    null_tokens, null_pooled = unpack(sd3.null_embedding(), sd3.pooled_dim)
+    torch.testing.assert_close(null_tokens, ne[:1])
+    torch.testing.assert_close(null_pooled, npool[:1])
+    x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # velocity at σ = 0.3: the pipeline passes timestep σ·1000
+        ref = pipe.transformer(hidden_states=x, timestep=torch.tensor([300.0, 300.0]), encoder_hidden_states=pe,
+                               pooled_projections=pp).sample
+        ours = sd3.velocity(x, 300.0, sd3.encode_prompts(sd3.tokenize(texts)))
+    torch.testing.assert_close(ours, ref)
+
+
+def _rms(x: torch.Tensor, norm) -> torch.Tensor:
+    """diffusers' RMSNorm, written out: x / sqrt(mean(x²) + eps) · weight."""
+    if norm is None:
+        return x
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return y * norm.weight.double() if norm.weight is not None else y
+
+
+def test_sd3_captured_maps_equal_explicit_softmax_over_all_keys(sd3):
+    """The stored block is softmax(QKᵀ/√d) of image queries over ALL N + 77 + 256 keys (Q, K from the
+    block's own projection weights and q/k RMS norms), restricted to the T5 keys, heads averaged, the
+    conditional half of an [uncond, cond] batch; capture does not change the transformer's output."""
+    import torch.nn.functional as F
+
+    sides = sd3.attention_sides()
+    store = AttentionAccumulator([8], 2, 256)
+    assert sd3.install_capture(store, sides, None) == sorted(sides)
+    seen, hooks = _record_inputs(sd3.transformer, ".attn")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 16, 16, generator=g)
+    cond = sd3.encode_prompts(sd3.tokenize(["a red dog", "blue squares left of a cat"]))
+    uncond = sd3.null_embedding().expand(2, -1, -1)
+    with torch.no_grad():
+        ref = sd3.velocity(torch.cat([x, x]), 500.0, torch.cat([uncond, cond]))
+        store.reset(2)
+        store.active = True
+        out = sd3.velocity(torch.cat([x, x]), 500.0, torch.cat([uncond, cond]))
+        store.active = False
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out, ref)
+    expected = torch.zeros(2, 64, 256, dtype=torch.float64)
+    for name, (hs, ctx) in seen.items():
+        attn = sd3.transformer.get_submodule(name)
+        heads, d = attn.heads, attn.to_q.out_features // attn.heads
+
+        def proj(lin, t, heads=heads, d=d):
+            return F.linear(t.double(), lin.weight.double(), lin.bias.double()).view(t.shape[0], -1, heads, d)
+
+        assert attn.norm_q is not None and attn.norm_added_k is not None  # the tiny SD3 has SD3.5's q/k norms
+        q = _rms(proj(attn.to_q, hs), attn.norm_q)
+        k = torch.cat([_rms(proj(attn.to_k, hs), attn.norm_k), _rms(proj(attn.add_k_proj, ctx), attn.norm_added_k)],
+                      dim=1)
+        probs = torch.stack([_softmax_rows(q[:, :, i] @ k[:, :, i].transpose(1, 2) / math.sqrt(d))
+                             for i in range(heads)]).mean(0)  # (B, 64, 64 + 77 + 256)
+        expected += probs[2:, :, 64 + 77:]
+    assert store.counts == {8: 2}
+    torch.testing.assert_close(store.buffers[8][:2].double(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("recipe,extra,evals", [("ddim", [], 3), ("ddim", ["--guidance", "3"], 5),
+                                                ("noise", ["--timesteps", "300", "700"], 2)])
+def test_sd3_extracts_end_to_end(tmp_path, capsys, recipe, extra, evals):
+    """No --resolutions / --layers given: SD3's own defaults apply (one 8×8 grid, both joint blocks);
+    words come from T5's tokens."""
+    data = write_images_and_records(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    assert main(["extract", "--dm", tiny("sd3"), "--data", str(data), "--out", str(out), "--recipe", recipe,
+                 "--json", *FAST, *extra]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["done"] == 2 and summary["unet_evals_per_image"] == evals
+    store = AttentionStore(out)
+    m = store.manifest
+    assert m["dm"]["class"] == "StableDiffusion3Pipeline" and m["resolutions"] == [8]
+    assert m["captured_modules"] == ["transformer_blocks.0.attn.processor", "transformer_blocks.1.attn.processor"]
+    assert m["text"]["max_length"] == 256 and "T5" in m["text"]["tokenizer"]
+    ex = store.get("img_001")
+    assert ex["words"] == ["a", "red", "circle", "left", "of", "a", "blue", "square", "1"]
+    assert ex["maps"].shape == (9, 16, 16) and np.isfinite(ex["maps"]).all() and ex["maps"].max() == 1
+
+
+@pytest.mark.parametrize("flags,needle", [(["--recipe", "nulltext"], "nulltext is not defined for "
+                                           "StableDiffusion3Pipeline"),
+                                          (["--layers", "down_blocks.0"], "match no joint attention block"),
+                                          (["--resolutions", "16", "32"], "not in this StableDiffusion3Pipeline")])
+def test_sd3_refusals_are_one_line(tmp_path, capsys, flags, needle):
+    data = write_images_and_records(tmp_path / "data", 1)
+    assert main(["extract", "--dm", tiny("sd3"), "--data", str(data), "--out", str(tmp_path / "o"), *FAST,
+                 *flags]) != 0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_flow_recipes_follow_the_flow_ode(sd3, monkeypatch):
+    """``noise`` reads x_σ = (1 − σ)·x_0 + σ·ε at timestep σ·1000 and returns x_σ − σ·v; ``ddim`` Euler-
+    inverts up to the top of the scheduler's grid and integrates back down it, so a constant velocity
+    field (a straight flow, where Euler is exact) reconstructs x_0 exactly."""
+    calls: list[tuple[torch.Tensor, float]] = []
+    c = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def stub(x, t, emb):
+        calls.append((x.clone(), t))
+        return c.expand_as(x).clone()
+
+    monkeypatch.setattr(sd3, "_forward", stub)
+    store = AttentionAccumulator([8], 1, 256)
+    x0, eps = torch.randn(1, 16, 16, 16), torch.randn(1, 16, 16, 16)
+    cond = torch.zeros(1, 334, 32)
+    pred = sd3._run_noise(x0, cond, store, [300], eps)
+    torch.testing.assert_close(calls[0][0], 0.7 * x0 + 0.3 * eps)
+    assert calls[0][1] == pytest.approx(300.0)
+    torch.testing.assert_close(pred, calls[0][0] - 0.3 * c)
+    calls.clear()
+    rec = sd3._run_euler(x0, cond, cond, store, steps=4, inversion_steps=2, guidance=1.0)
+    grid = sd3.schedule.sigmas(4)
+    assert grid[0] == pytest.approx(1.0) and grid[-1] == 0.0 and len(calls) == 2 + 4
+    assert [t for _, t in calls] == pytest.approx([500.0, 1000.0] + [s * 1000 for s in grid[:-1]])
+    torch.testing.assert_close(rec, x0, atol=1e-5, rtol=1e-5)
+
+
+def test_sd3_medium_architecture_has_sd3_medium_sizes():
+    """The GPU benchmarks' random SD3 must be SD3-medium-sized: its MM-DiT (meta device) has SD3 medium's
+    2,028,328,000 parameters, 24 joint blocks, and a 64×64 token grid at 1024 px."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+
+    from lavender.diffusion.tiny import ARCHITECTURES
+
+    arch = ARCHITECTURES["sd3-medium"]
+    with init_empty_weights():
+        t = SD3Transformer2DModel(sample_size=128, **arch["transformer"])
+    assert sum(p.numel() for p in t.parameters()) == 2_028_328_000
+    assert len(t.transformer_blocks) == 24 and 128 // t.config.patch_size == 64 and arch["image_size"] == 1024

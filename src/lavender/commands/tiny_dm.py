@@ -1,6 +1,6 @@
 """Write a random Stable Diffusion pipeline: tiny (64 px, cross-attention at 32×32 and 16×16) or SD-1.4 size.
 
-  lavender tiny-dm OUT [--seed 0] [--image-size 64] [--architecture tiny|sd14|sdxl|sdxl-base]
+  lavender tiny-dm OUT [--seed 0] [--image-size 64] [--architecture tiny|sd14|sdxl|sdxl-base|sd3|sd3-medium]
 
 Loadable with `StableDiffusionPipeline.from_pretrained(OUT)` and usable as `lavender extract --dm OUT`;
 built offline (the CLIP tokenizer's vocabulary and merges are written by lavender itself).
@@ -8,6 +8,8 @@ built offline (the CLIP tokenizer's vocabulary and merges are written by lavende
 weights; `--image-size` is ignored), for GPU speed benchmarks and real-size smoke tests without hub access.
 `--architecture sdxl` is a tiny random `StableDiffusionXLPipeline` (two CLIP text encoders, "text_time"
 added conditioning, no cross-attention at the top UNet level); `sdxl-base` has SDXL base 1.0's shapes.
+`--architecture sd3` is a tiny random `StableDiffusion3Pipeline` (MM-DiT, two CLIPs + a small offline T5,
+flow-matching scheduler); `sd3-medium` has SD3 medium's shapes (T5-XXL included: ~15 GB in float16).
 """
 
 from __future__ import annotations

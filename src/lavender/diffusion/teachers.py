@@ -147,8 +147,297 @@ class SDXLModel(DiffusionModel):
         return self.encode_prompts(self.tokenize([""]))
 
 
+# ------------------------------------------------------------------------------- flow matching
+class FlowSchedule:
+    """A flow-matching (rectified-flow) schedule: x_σ = (1 − σ)·x_0 + σ·ε for σ ∈ [0, 1], the model
+    predicting the velocity v = dx/dσ = ε − x_0 at timestep σ·N (N = ``num_train_timesteps``, 1000).
+
+    ``--timesteps t`` of the ``noise`` recipe means σ = t / N (no shift: t is where the image is read),
+    so t = 400 is x = 0.6·x_0 + 0.4·ε. The ``ddim`` recipe's denoising grid is the checkpoint
+    scheduler's own n-step sigmas (``set_timesteps``: SD3's shift 3, Flux's resolution-dependent shift).
+    """
+
+    def __init__(self, scheduler, image_seq_len: int):
+        self.scheduler = scheduler
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.image_seq_len = image_seq_len
+
+    def sigmas(self, steps: int) -> list[float]:
+        """The scheduler's ``steps``-step grid, descending, ending at 0 (clean)."""
+        cfg = self.scheduler.config
+        kw = {}
+        if cfg.get("use_dynamic_shifting", False):  # Flux: the shift grows with the number of image tokens
+            lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+            b0, b1 = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+            kw["mu"] = b0 + (b1 - b0) * (self.image_seq_len - lo) / (hi - lo)
+        self.scheduler.set_timesteps(steps, device="cpu", **kw)
+        return [float(x) for x in self.scheduler.sigmas]
+
+
+def flow_move(x: torch.Tensor, v: torch.Tensor, s_from: float, s_to: float) -> torch.Tensor:
+    """One Euler step of the flow ODE dx/dσ = v from σ = ``s_from`` to ``s_to`` (either direction)."""
+    return x + (s_to - s_from) * v
+
+
+class FlowTeacher:
+    """What the flow-matching teachers (SD3, Flux) share: the recipes on the flow ODE, capture of the
+    image-query × text-key block of joint attention, and the Extractor's teacher interface.
+
+    Recipes (UNet/transformer evaluations per image as for SD-1.x):
+
+    - ``noise``: x_σ = (1 − σ)·x_0 + σ·ε at each σ = t/N of ``--timesteps``, one conditional
+      evaluation each (ε seeded by the record id); returns x_0 predicted at the first: x_σ − σ·v.
+    - ``ddim``: Euler INVERSION of the flow ODE with the text over m = ``--inversion-steps`` even steps
+      σ_top·k/m up to the top σ_top of the scheduler's n-step grid (the velocity evaluated at the
+      TARGET σ from the current latent, as DDIM inversion does), then Euler integration back down the
+      n-step grid with guidance g (``[uncond, cond]`` in one call), capturing: m + n·(1 or 2) evaluations.
+    - ``nulltext``: refused — null-text inversion optimises against DDIM's ε-parameterised steps.
+    """
+
+    flow = True
+    default_modules: list[str] | None = None
+
+    def check_recipe(self, recipe: str) -> None:
+        if recipe == "nulltext":
+            raise ValueError(f"--recipe nulltext is not defined for {self.pipeline_class} (a flow-matching model: "
+                             "null-text inversion optimises DDIM's ε steps); use --recipe ddim (Euler inversion of "
+                             "the flow) or noise")
+
+    def velocity(self, x: torch.Tensor, t: float, emb: torch.Tensor) -> torch.Tensor:
+        """The predicted velocity (float32) for float32 latents ``x`` at timestep ``t`` = σ·N."""
+        self.unet_calls += x.shape[0]
+        return self._forward(x, float(t), emb)
+
+    def run_recipe(self, cfg, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                   store: AttentionAccumulator, ids: list[str]) -> torch.Tensor:
+        from lavender.diffusion.extract import record_noise
+
+        self.check_recipe(cfg.recipe)
+        if cfg.recipe == "noise":
+            return self._run_noise(x0, cond, store, cfg.timesteps, record_noise(ids, x0))
+        return self._run_euler(x0, cond, uncond, store, cfg.steps, cfg.inversion_steps, cfg.guidance)
+
+    @torch.inference_mode()
+    def _run_noise(self, x0, cond, store, timesteps, noise) -> torch.Tensor:
+        n_train = self.schedule.num_train_timesteps
+        store.active = True
+        first = None
+        try:
+            for t in timesteps:
+                s = int(t) / n_train
+                x = (1 - s) * x0 + s * noise
+                v = self.velocity(x, s * n_train, cond)
+                if first is None:
+                    first = x - s * v
+        finally:
+            store.active = False
+        return first
+
+    @torch.inference_mode()
+    def _run_euler(self, x0, cond, uncond, store, steps: int, inversion_steps: int, guidance: float) -> torch.Tensor:
+        n_train = self.schedule.num_train_timesteps
+        grid = self.schedule.sigmas(steps)  # descending, ends at 0
+        up = [0.0] + [grid[0] * (k + 1) / inversion_steps for k in range(inversion_steps)]
+        x = x0
+        for s_from, s_to in zip(up[:-1], up[1:]):
+            x = flow_move(x, self.velocity(x, s_to * n_train, cond), s_from, s_to)
+        store.active = True
+        try:
+            for s, s_next in zip(grid[:-1], grid[1:]):
+                if guidance == 1.0:
+                    v = self.velocity(x, s * n_train, cond)
+                else:
+                    v_u, v_c = self.velocity(torch.cat([x, x]), s * n_train, torch.cat([uncond, cond])).chunk(2)
+                    v = v_u + guidance * (v_c - v_u)
+                x = flow_move(x, v, s, s_next)
+        finally:
+            store.active = False
+        return x
+
+    # --- capture
+    def attention_sides(self) -> dict[str, int]:
+        """Every joint (double-stream) block's attention → the image token grid's side (one resolution)."""
+        return {k: self.grid for k in self.transformer.attn_processors if self._is_joint(k)}
+
+    def default_resolutions(self, sides: dict[str, int]) -> list[int]:
+        return [self.grid]
+
+    def install_capture(self, store: AttentionAccumulator, sides: dict[str, int],
+                        modules: list[str] | None) -> list[str]:
+        """Wrap the chosen joint blocks' processors with :class:`JointCaptureProcessor`; every other
+        attention keeps the processor the model came with. Raises ``ValueError`` like the UNet capture
+        does for a side or a module that matches nothing."""
+        missing = [s for s in store.sides if s != self.grid]
+        if missing:
+            raise ValueError(f"--resolutions {missing} not in this {self.pipeline_class}: its joint attention reads "
+                             f"one image-token grid of side {self.grid} at this image size")
+        chosen = sorted(sides)
+        if modules:
+            chosen = [k for k in chosen if any(k.startswith(p) for p in modules)]
+            if not chosen:
+                raise ValueError(f"--layers {modules} match no joint attention block; blocks: "
+                                 f"{sorted(k.rsplit('.processor', 1)[0] for k in sides)}")
+        procs = dict(self.transformer.attn_processors)
+        for k in chosen:
+            procs[k] = JointCaptureProcessor(procs[k], store, self.grid, self.text_keys, self.text_first,
+                                             self._queries_keys)
+        self.transformer.set_attn_processor(procs)
+        return chosen
+
+
+class JointCaptureProcessor:
+    """Records, while ``store.active``, the image-query × word-token-key block of a joint attention's
+    probabilities, then lets the model's own processor compute the output (unchanged by capture).
+
+    The probabilities are softmax(QKᵀ/√d) over ALL keys of the joint sequence (image and text), as the
+    model computes them, in float32, one head at a time (the full (B, H, N, N) tensor of SD3 at 1024 px
+    would be gigabytes); only the columns of ``text_keys`` (positions within the text part) are kept,
+    averaged over heads: (B, N_img, T_words).
+    """
+
+    def __init__(self, inner, store: AttentionAccumulator, side: int, text_keys: slice, text_first: bool,
+                 queries_keys):
+        self.inner, self.store, self.side = inner, store, side
+        self.text_keys, self.text_first, self.queries_keys = text_keys, text_first, queries_keys
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
+        # named parameters, not only **kwargs: diffusers passes a processor only the keywords its
+        # signature names (Flux's rotary embedding included)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if image_rotary_emb is not None:
+            kwargs["image_rotary_emb"] = image_rotary_emb
+        if self.store.active and encoder_hidden_states is not None:
+            if attention_mask is not None:
+                raise ValueError("joint-attention capture does not apply attention masks; run without one")
+            self.store.add(self.side, self.image_text_probs(attn, hidden_states, encoder_hidden_states,
+                                                            image_rotary_emb))
+        return self.inner(attn, hidden_states, encoder_hidden_states, **kwargs)
+
+    def image_text_probs(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb=None) -> torch.Tensor:
+        # (B, H, N_img, d) image queries, (B, H, S, d) all keys of the joint sequence
+        q, k = self.queries_keys(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        n_txt = encoder_hidden_states.shape[1]
+        start = 0 if self.text_first else k.shape[2] - n_txt
+        cols = slice(start + self.text_keys.start, start + self.text_keys.stop)
+        scale = q.shape[-1] ** -0.5
+        out = None
+        for h in range(q.shape[1]):
+            p = (torch.matmul(q[:, h], k[:, h].transpose(-1, -2)).float() * scale).softmax(-1)[..., cols]
+            out = p if out is None else out + p
+        return out / q.shape[1]
+
+
+# ------------------------------------------------------------------------------------------ SD3
+class SD3Model(FlowTeacher):
+    """Stable Diffusion 3 (MM-DiT): every ``transformer_blocks.i.attn`` is joint attention over
+    [image tokens (N), CLIP tokens (77), T5 tokens (L = 256)], image first.
+
+    Words are defined by the T5 tokenizer (``tokenizer_3``): its L keys are the ones read, so the
+    stored map of a word is the image-query attention to its T5 tokens, normalised by the softmax over
+    ALL N + 77 + L keys as the model computes it (the 77 CLIP keys' share is part of the denominator,
+    not of any word). A pipeline saved without T5 is refused (its words would have no keys).
+    The conditioning is the pipeline's: both CLIPs' penultimate states concatenated and zero-padded
+    to T5's width, then T5's last hidden state, along the sequence; pooled = both CLIPs' projections.
+    """
+
+    pipeline_class = "StableDiffusion3Pipeline"
+    text_first = False
+
+    def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype)
+        if pipe.text_encoder_3 is None or pipe.tokenizer_3 is None:
+            raise ValueError(f"{path}: an SD3 pipeline without its T5 encoder: Stage 1's words are T5's tokens")
+        self.device, self.dtype = torch.device(device), dtype
+        mods = {}
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            mods[name] = getattr(pipe, name).to(self.device).eval().requires_grad_(False)
+        self.transformer, self.vae = mods["transformer"], mods["vae"]
+        self.unet = self.transformer  # the denoiser, under the name the dry run and summaries use
+        self.encoders = [mods["text_encoder"], mods["text_encoder_2"]]
+        self.t5 = mods["text_encoder_3"]
+        self.clip_tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+        self.tokenizer = pipe.tokenizer_3
+        self.max_length = 256  # the pipeline's default max_sequence_length
+        self.clip_length = int(pipe.tokenizer.model_max_length)
+        self.text_keys = slice(self.clip_length, self.clip_length + self.max_length)
+        cfg = self.transformer.config
+        self.latent_side = int(cfg.sample_size)
+        self.image_size = self.latent_side * pipe.vae_scale_factor
+        self.grid = self.latent_side // int(cfg.patch_size)
+        self.pooled_dim = int(cfg.pooled_projection_dim)
+        self.joint_dim = int(cfg.joint_attention_dim)
+        self.schedule = FlowSchedule(pipe.scheduler, self.grid * self.grid)
+        self.unet_calls = 0
+
+    @staticmethod
+    def _is_joint(key: str) -> bool:
+        parts = key.split(".")
+        return len(parts) == 4 and parts[0] == "transformer_blocks" and parts[2] == "attn"
+
+    @staticmethod
+    def _queries_keys(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None):
+        """Image queries and all keys of SD3's joint attention, (B, H, ·, d), q/k norms applied."""
+        b, h = hidden_states.shape[0], attn.heads
+
+        def heads(t):
+            return t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2)
+
+        q, k = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states))
+        ek = heads(attn.add_k_proj(encoder_hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        return q, torch.cat([k, ek], dim=2)
+
+    def _forward(self, x: torch.Tensor, t: float, emb: torch.Tensor) -> torch.Tensor:
+        tokens, pooled = unpack(emb, self.pooled_dim)
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=self.dtype)
+        return self.transformer(hidden_states=x.to(self.dtype), timestep=tt, encoder_hidden_states=tokens.to(self.dtype),
+                                pooled_projections=pooled.to(self.dtype)).sample.float()
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] → (latent mean − shift_factor) × scaling_factor, float32."""
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return (dist.mean.float() - shift) * self.vae.config.scaling_factor
+
+    def tokenize(self, texts: list[str]) -> dict:
+        """T5's ids, offsets and special flags (the words; ``truncated`` beyond 256 tokens), plus both
+        CLIP tokenizers' ids (``clip_ids``), which only condition."""
+        full = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        enc = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+        enc["truncated"] = [len(ids) > self.max_length for ids in full]
+        enc["clip_ids"] = [tok(texts, padding="max_length", max_length=self.clip_length, truncation=True,
+                               return_tensors="pt")["input_ids"] for tok in self.clip_tokenizers]
+        return enc
+
+    @torch.inference_mode()
+    def encode_prompts(self, enc: dict) -> torch.Tensor:
+        states, pooled = [], []
+        for ids, encoder in zip(enc["clip_ids"], self.encoders):
+            o = encoder(ids.to(self.device), output_hidden_states=True)
+            states.append(o.hidden_states[-2])
+            pooled.append(o.text_embeds)
+        clip = torch.cat(states, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
+        t5 = self.t5(enc["input_ids"].to(self.device))[0]
+        return pack(torch.cat([clip, t5.to(clip.dtype)], dim=1).float(), torch.cat(pooled, dim=-1).float())
+
+    def null_embedding(self) -> torch.Tensor:
+        """The encoded empty text, as SD3's pipeline guides with."""
+        return self.encode_prompts(self.tokenize([""]))
+
+
 TEACHERS: dict[str, type] = {
     SDXLModel.pipeline_class: SDXLModel,
+    SD3Model.pipeline_class: SD3Model,
 }
-
-__all__ = ["TEACHERS", "SDXLModel", "pipeline_class_of", "pack", "unpack", "AttentionAccumulator"]

@@ -207,7 +207,119 @@ ARCHITECTURES: dict[str, dict] = {
         "text_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
                    "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"},
     },
+    # SD3 (MM-DiT): 16-channel VAE latents cut into 2×2 patches; the text is two CLIP encoders' tokens
+    # (widths concatenated, zero-padded to T5's) followed by T5's tokens, and both CLIPs' pooled outputs.
+    "sd3": {
+        "pipeline": "sd3",
+        "image_size": None,
+        "dtype": torch.float32,
+        "transformer": {"patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
+                        "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
+                        "caption_projection_dim": 16, "pooled_projection_dim": 24, "pos_embed_max_size": 32,
+                        "qk_norm": "rms_norm"},  # SD3.5's q/k norms, so the capture's norm path is exercised
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            "block_out_channels": (16, 32),
+            "norm_num_groups": 8,
+            "latent_channels": 16,
+            "scaling_factor": 1.5305,
+            "shift_factor": 0.0609,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+        },
+        "text": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "projection_dim": 8},
+        "text_2": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                   "projection_dim": 16, "hidden_act": "gelu"},
+        "t5": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+               "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu"},
+        "shift": 3.0,
+    },
+    # the shapes of stabilityai/stable-diffusion-3-medium-diffusers (MM-DiT 24 blocks of width 1536,
+    # CLIP ViT-L + OpenCLIP bigG + T5-XXL encoder)
+    "sd3-medium": {
+        "pipeline": "sd3",
+        "image_size": 1024,
+        "dtype": torch.float16,
+        "transformer": {"patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+                        "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                        "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192},
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "latent_channels": 16,
+            "scaling_factor": 1.5305,
+            "shift_factor": 0.0609,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+        },
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "projection_dim": 768},
+        "text_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                   "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"},
+        "t5": {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+               "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"},
+        "shift": 3.0,
+    },
 }
+
+
+def make_t5_tokenizer(out: str | Path):
+    """A small offline T5 tokenizer (SentencePiece-style Unigram with ``▁`` word starts): whole-word
+    pieces for ``_WORDS``, single characters for everything else (multi-token words, as with CLIP's
+    BPE), ``</s>`` appended, ``<pad>`` padding; written to ``out`` and loaded back from there."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in _WORDS] + [("▁", -3.0)]
+    vocab += [(c, -5.0) for c in chars] + [("▁" + c, -5.5) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                    model_max_length=512).save_pretrained(out)
+    return T5TokenizerFast.from_pretrained(out)
+
+
+def _make_sd3(out: Path, arch: dict, seed: int, image_size: int) -> Path:
+    """A random ``StableDiffusion3Pipeline`` with ``arch``'s sizes, saved to ``out`` (flow-matching Euler
+    scheduler with SD3's shift 3)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    tokenizer = make_tokenizer(out / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(out / "tokenizer", pad_token="!")
+    tokenizer_3 = make_t5_tokenizer(out / "tokenizer_3")
+    vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=image_size // vae_factor, **arch["transformer"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=image_size, **arch["vae"])
+    text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, arch["text"]))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, arch["text_2"]))
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), pad_token_id=tokenizer_3.pad_token_id,
+                                             eos_token_id=tokenizer_3.eos_token_id, **arch["t5"]))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=arch["shift"]), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    if arch["dtype"] != torch.float32:
+        pipe.to(arch["dtype"])
+    pipe.save_pretrained(out)
+    return out
 
 
 def _clip_config(tokenizer, sizes: dict):
@@ -280,6 +392,8 @@ def make_tiny_dm(out: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE,
     out.mkdir(parents=True, exist_ok=True)
     if arch.get("pipeline") == "sdxl":
         return _make_sdxl(out, arch, seed, image_size)
+    if arch.get("pipeline") == "sd3":
+        return _make_sd3(out, arch, seed, image_size)
     tokenizer = make_tokenizer(out / "tokenizer")
     vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
     torch.manual_seed(seed)
