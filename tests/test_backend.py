@@ -37,15 +37,16 @@ def make_batch(arch: str, path: str, n: int, padding_side: str) -> tuple[dict, t
     fam = families()[arch]
     proc = fam.load_processor(path)
     proc.tokenizer.padding_side = padding_side
-    texts, images = [], []
+    texts, images, starts = [], [], []
     for i in range(n):
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is here?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": TEXTS[i % 3]}]}]
         texts.append(proc.apply_chat_template(msgs, tokenize=False))
+        # where the answer starts: PaliGemma's processor gets it apart (the causal suffix after its prefix)
+        starts.append(len(proc.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)))
         images.append(_image(i, SIZES[i % 3]))
-    nested = True  # every supported processor takes one list of images per sample
-    inputs = proc(images=[[im] for im in images] if nested else images, text=texts, padding=True,
-                  return_tensors="pt")
+    # every supported processor takes one list of images per sample; the family runs it, as the collator does
+    inputs = fam.encode(proc, texts, [[im] for im in images], starts, padding=True, return_tensors="pt")
     # image_grids needs the original sizes and the processor's resize settings (Idefics3)
     return dict(inputs), ([[im.size] for im in images], proc)
 

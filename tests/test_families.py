@@ -27,6 +27,7 @@ def test_registry_has_the_supported_families_and_rejects_duplicates():
 @pytest.mark.parametrize("model_type,name", [("mllama", "mllama"), ("llava", "llava"), ("qwen2_vl", "qwen2_vl"),
                                              ("qwen2_5_vl", "qwen2_vl"), ("idefics3", "idefics3"),
                                              ("smolvlm", "idefics3"), ("gemma3", "gemma3"), ("qwen3_vl", "qwen3_vl"),
+                                             ("paligemma", "paligemma"),
                                              ("llava_onevision", "llava_onevision"), ("llava_next", "llava_next")])
 def test_detection_from_config(model_type, name):
     assert family_for_config({"model_type": model_type}).name == name
@@ -60,8 +61,8 @@ def test_tiny_model_loads_with_standard_class_and_runs(tiny_vlm, arch):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is red?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     images = [[image]] if arch in ("mllama", "idefics3") else [image]
-    inputs = processor(images=images, text=[text], return_tensors="pt")
-    out = model(**inputs, labels=inputs["input_ids"])
+    inputs = fam.encode(processor, [text], images, return_tensors="pt")  # as the collator does
+    out = model(**{**inputs, "labels": inputs["input_ids"]})  # PaliGemma's processor returns labels too
     assert torch.isfinite(out.loss) and out.logits.shape[:2] == inputs["input_ids"].shape
     out.loss.backward()
 

@@ -243,6 +243,30 @@ def test_qwen3_vl_merged_16px_patches(tiny_vlm, size):
         assert check_grid(grid, patch_of_key, processor.image_processor) == grid.rows * grid.cols
 
 
+@pytest.mark.parametrize("size", [(150, 40), (40, 170), (300, 30), (20, 24), (56, 56)])
+def test_paligemma_squashed_whole_image(tiny_vlm, size):
+    """PaliGemma: the whole image resized to 56×56 (squashed: no tiling, no crop, whatever the aspect
+    ratio), SigLIP 14-px patches → 4×4 tokens, row-major, before <bos>; two images in one sample
+    (multi-image records), processed through the family's prefix/suffix call."""
+    fam, processor, config = load(tiny_vlm, "paligemma")
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                                       {"type": "text", "text": "what is it?"}]}],
+                                         add_generation_prompt=True)
+    inputs = fam.encode(processor, [text], [[index_image(*size), index_image(*size)]], return_tensors="pt")
+    grids = fam.image_grids(inputs, [[size, size]], config, processor)
+    assert [(g.rows, g.cols) for g in grids] == [(4, 4), (4, 4)]
+    assert grids[0].covers == (0.0, 0.0, float(size[0]), float(size[1]))
+    assert int(grids[1].key_index.min()) > int(grids[0].key_index.max())  # the second image's own tokens
+    rank = rank_of(inputs["input_ids"][0], config.image_token_id)
+    pv = inputs["pixel_values"].numpy()  # (2, 3, 56, 56)
+    for j, grid in enumerate(grids):
+        def patch_of_key(key: int, j=j) -> np.ndarray:
+            pr, pc = divmod(rank[key] - 16 * j, 4)  # token = one 14-px patch, no pooling
+            return pv[j, :, pr * 14:(pr + 1) * 14, pc * 14:(pc + 1) * 14]
+
+        assert check_grid(grid, patch_of_key, processor.image_processor) == 16
+
+
 @pytest.mark.parametrize("size,layout", [((100, 40), (1, 2)), ((90, 100), (2, 2)), ((30, 100), (2, 1)),
                                          ((40, 40), (2, 2))])
 def test_idefics3_split_image(tiny_vlm, size, layout):

@@ -30,7 +30,7 @@ FAMILIES = sorted(TEMPLATES)
 # the text the released template writes right after an assistant message (LLaVA-1.5: none; the
 # tokenizer's EOS is trained instead, as LLaVA-1.5 was trained)
 END_OF_TURN = {"mllama": "<|eot_id|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>",
-               "gemma3": "<end_of_turn>", "qwen3_vl": "<|im_end|>", "llava_onevision": "<|im_end|>"}
+               "gemma3": "<end_of_turn>", "qwen3_vl": "<|im_end|>", "paligemma": "<eos>", "llava_onevision": "<|im_end|>"}
 
 U, A, S = "user", "assistant", "system"
 CONVERSATIONS = {
@@ -79,6 +79,9 @@ def _expected_words(rec: Record, align_on: str, family: str) -> list[str]:
     """The words read: the last assistant turns' (answer) or all text (all) after the LAST image.
     LLaVA-1.5's released template writes a message's images before its text, wherever they were."""
     turns = [(m["role"], m["content"]) for m in rec.messages]
+    if family == "paligemma":  # PaliGemma's processor puts every image before all the text
+        return [w.text for r, c in turns if align_on == "all" or r == "assistant"
+                for w in split_words(c.replace("<image>", " "))]
     if family in ("llava", "llava_onevision"):
         turns = [(r, "<image>" * c.count("<image>") + c.replace("<image>", "")) for r, c in turns]
     last = max(i for i, (_, c) in enumerate(turns) if "<image>" in c)
@@ -151,6 +154,7 @@ RENDERED = {
                "<start_of_turn>model\nRed.<end_of_turn>\n"),
     "qwen3_vl": ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour is the circle?"
                  "<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"),
+    "paligemma": "<image><bos>What colour is the circle?\nRed.<eos>",
     "llava_onevision": ("<|im_start|>user\n<image>\nWhat colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
                         "Red.<|im_end|>\n"),
 }

@@ -110,9 +110,11 @@ class LavenderCollator:
                 logger.warning("skipping record %s: %s", rec.id, e)
         if not kept:
             raise ValueError("every record of this batch is unusable: " + "; ".join(r for _, r in self.skipped[-3:]))
-        batch = self.processor(text=[lay.text for lay in layouts], images=images, padding=True,
-                               return_tensors="pt",
-                               add_special_tokens=adds_special_tokens(self.processor.tokenizer, layouts[0].text))
+        # the family runs the processor: a prefix-LM (PaliGemma) needs the answer apart from the prompt
+        batch = self.family.encode(self.processor, [lay.text for lay in layouts], images,
+                                   [lay.label_spans[0][0] if lay.label_spans else None for lay in layouts],
+                                   padding=True, return_tensors="pt",
+                                   add_special_tokens=adds_special_tokens(self.processor.tokenizer, layouts[0].text))
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         lengths = mask.sum(1).tolist()
         left = self.processor.tokenizer.padding_side == "left"

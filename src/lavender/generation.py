@@ -31,6 +31,16 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i : i + size]
 
 
+def _family_of(model: Any) -> Any:
+    """The model's family (None for a model no family handles: the processor is then called directly)."""
+    from lavender.vlm.families import family_for_config
+
+    try:
+        return family_for_config(getattr(model, "config", None) or {})
+    except ValueError:
+        return None
+
+
 @torch.inference_mode()
 def generate(model: Any, processor: Any, prompts: Sequence[tuple[Sequence[dict[str, Any]], list[Any]]],
              max_new_tokens: int = 32, batch_size: int = 8, progress: bool = False) -> list[str]:
@@ -50,6 +60,7 @@ def generate(model: Any, processor: Any, prompts: Sequence[tuple[Sequence[dict[s
     tok.padding_side = "left"
     device = next(model.parameters()).device
     out: list[str] = []
+    family = _family_of(model)
     try:
         bar = tqdm(total=len(prompts), desc="generate", disable=not progress)
         for chunk in _batches(prompts, batch_size):
@@ -59,7 +70,9 @@ def generate(model: Any, processor: Any, prompts: Sequence[tuple[Sequence[dict[s
                                       "add_special_tokens": adds_special_tokens(tok, texts[0])}
             if any(images):
                 kwargs["images"] = images
-            batch = processor(**kwargs).to(device)
+            # the family runs the processor (PaliGemma: the rendered prompt is its processor's own prefix)
+            batch = (processor(**kwargs) if family is None else
+                     family.encode(processor, kwargs.pop("text"), kwargs.pop("images", None), **kwargs)).to(device)
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
             new = ids[:, batch["input_ids"].shape[1]:]

@@ -24,6 +24,9 @@ pinned in ``tests/test_layout_check.py``. No third-party file is vendored.
   ``<|vision_start|><|image_pad|><|vision_end|>``.
 - ``idefics3`` (Idefics3-8B-Llama3; SmolVLM uses the same turn format over a GPT-2-style
   tokenizer): ``<|begin_of_text|>User:<image>…<end_of_utterance>\\nAssistant: …<end_of_utterance>\\n``.
+- ``paligemma`` (no chat template; a prefix-LM): the processor's own text, images first,
+  ``<image>…<bos>prompt\\n`` (the bidirectional prefix) then ``answer<eos>`` (the causal suffix);
+  see :mod:`lavender.vlm.families.paligemma`.
 - ``qwen3_vl`` (Qwen3-VL-Instruct): ChatML as Qwen2-VL with the same Qwen2 tokenizer, but NO default
   system prompt.
 - ``llava_onevision`` (llava-onevision-qwen2-*-ov-hf): ChatML over the Qwen2 tokenizer, no default
@@ -107,6 +110,9 @@ _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
     "qwen3_vl": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>",
                  ["<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]),
     "llava_onevision": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>", ["<|im_start|>", "<image>", "<video>"]),
+    # PaliGemma: Gemma's tokenizer (sentencepiece-style, no space prepended); its processor adds <image>
+    # when missing and the <locNNNN>/<segNNN> tokens, and turns the BOS off (it writes <bos> itself)
+    "paligemma": ("gemma", "<bos>", "<eos>", "<pad>", ["<image>"]),
     # Gemma 3: sentencepiece-style, no space prepended to the text; generation stops at <end_of_turn>
     "gemma3": ("gemma", "<bos>", "<end_of_turn>", "<pad>",
                ["<start_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]),
@@ -132,6 +138,15 @@ def _gemma3_template() -> str:
 
 
 TEMPLATES["gemma3"] = _gemma3_template()
+
+
+def _paligemma_template() -> str:
+    from lavender.vlm.families.paligemma import PALIGEMMA_TEMPLATE
+
+    return PALIGEMMA_TEMPLATE
+
+
+TEMPLATES["paligemma"] = _paligemma_template()  # no released chat template: the processor's prefix/suffix text
 
 
 def families_with_formats() -> list[str]:

@@ -107,6 +107,21 @@ class Family(ABC):
         return input_ids == image_token_id(config)
 
     # --- processors and tiny models -----------------------------------------------------------
+    def encode(self, processor: Any, texts: Sequence[str], images: Any,
+               answer_starts: Sequence[int | None] | None = None, **kwargs: Any) -> Any:
+        """The processor's batch for chat texts rendered with the family's template.
+
+        Args:
+            texts: rendered conversations (:func:`lavender.chat.render`).
+            images: per sample, its images (or None).
+            answer_starts: per text, the character offset of its first trained token (the first
+                assistant turn's label span), None for a prompt without an answer. The default
+                ignores it; a prefix-LM (PaliGemma) must hand its processor the answer apart, so that it
+                is the causal suffix and never inside the bidirectional prefix.
+            kwargs: the processor's options (padding, return_tensors, add_special_tokens).
+        """
+        return processor(text=list(texts), images=images, **kwargs)
+
     def load_processor(self, path: str, **kwargs: Any) -> Any:
         """The processor saved with a model (families that need more than ``AutoProcessor`` override)."""
         from transformers import AutoProcessor

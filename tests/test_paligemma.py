@@ -1,0 +1,178 @@
+"""PaliGemma's prefix-LM: the answer is the causal suffix, never inside the bidirectional prefix.
+
+PaliGemma's language model attends BIDIRECTIONALLY over the prefix (``token_type_ids`` 0: images,
+``<bos>``, prompt, ``\\n``) and causally over the suffix (``token_type_ids`` 1). A trained token inside
+the prefix would be visible to the row that predicts it. These tests read the model's own eager
+attention on batches the collator made (released-format tokenizer, several conversation shapes,
+both paddings) and check where the answer landed; the capture is compared with eager on rows INSIDE
+the prefix, where the bidirectional mask matters (the generic capture test reads answer rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lavender.data_collator import LavenderCollator
+from lavender.records import Record
+from lavender.vlm.families import families
+
+FAM = families()["paligemma"]
+CONVERSATIONS = {
+    "single": [("user", "<image>What colour is the circle?"), ("assistant", "Red circle and a blue square.")],
+    "multi_turn": [("user", "<image>What colour is the circle?"), ("assistant", "Red."),
+                   ("user", "And the square?"), ("assistant", "Blue.")],
+    "later_image": [("user", "Is it red?"), ("assistant", "No."), ("user", "<image>What colour?"),
+                    ("assistant", "Green.")],
+    "system": [("system", "Answer in one word."), ("user", "<image>What colour is the square?"),
+               ("assistant", "Blue.")],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from lavender.vlm.formats import build_tiny_real_format
+
+    model, proc = build_tiny_real_format("paligemma")
+    model.eval()
+    return model, proc
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> list[Record]:
+    path = tmp_path_factory.mktemp("img") / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(path)
+    out = []
+    for i, (name, turns) in enumerate(CONVERSATIONS.items()):
+        n_img = sum(c.count("<image>") for _, c in turns)
+        out.append(Record(id=name, index=i, images=[str(path)] * n_img,
+                          messages=[{"role": r, "content": c} for r, c in turns]))
+    return out
+
+
+def _eager(model, batch: dict, **override) -> tuple[torch.Tensor, ...]:
+    model.set_attn_implementation("eager")
+    inputs = {k: v for k, v in batch.items() if k != "lavender"}
+    inputs.update(override)
+    with torch.no_grad():
+        return model(**inputs, output_attentions=True).attentions
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_a_label_token_sees_no_later_token_and_no_earlier_row_sees_it(tiny, records, padding) -> None:
+    model, proc = tiny
+    proc.tokenizer.padding_side = padding
+    batch = LavenderCollator(proc, FAM, model.config)(records)
+    labels, types, real = batch["labels"], batch["token_type_ids"], batch["attention_mask"].bool()
+    attentions = _eager(model, batch)
+    image = model.config.image_token_id
+    for b in range(labels.shape[0]):
+        trained = (labels[b] != -100).nonzero().flatten()
+        assert trained.numel() > 0
+        first, last_real = int(trained[0]), int(real[b].nonzero().max())
+        # the suffix starts exactly at the first trained token and runs to the end of the text
+        assert types[b, first:last_real + 1].eq(1).all() and types[b, :first][real[b, :first]].eq(0).all()
+        prefix_end = first - 1  # the prefix's "\n"
+        image_rows = (batch["input_ids"][b] == image).nonzero().flatten()
+        for layer, attn in enumerate(attentions):
+            for t in trained.tolist():
+                assert attn[b, :, t, t + 1:].abs().sum() == 0, (padding, b, layer, t)  # nothing later
+                assert attn[b, :, :t, t].abs().sum() == 0, (padding, b, layer, t)  # no earlier row sees it
+            # ... while the prefix IS bidirectional: an image token sees the prompt's last token
+            assert attn[b, :, int(image_rows[0]), prefix_end].min() > 0
+
+
+def test_the_check_catches_an_answer_inside_the_prefix(tiny, records) -> None:
+    """Control: with ``token_type_ids`` all 0 (the answer in the prefix, the bug) the row before a label
+    token attends to it — the assertion above would fail."""
+    model, proc = tiny
+    proc.tokenizer.padding_side = "right"
+    batch = LavenderCollator(proc, FAM, model.config)(records[:1])
+    t = int((batch["labels"][0] != -100).nonzero()[0])
+    attentions = _eager(model, batch, token_type_ids=torch.zeros_like(batch["token_type_ids"]))
+    assert attentions[0][0, :, t - 1, t].min() > 0
+
+
+def test_capture_equals_eager_on_prefix_rows(tiny, records) -> None:
+    """Rows inside the bidirectional prefix (image tokens, prompt words) see LATER keys; the capture's
+    slice equals the eager probabilities there too, at batch 2 with left padding."""
+    from lavender.vlm.aggregate import keys_from_grids
+    from lavender.vlm.backend import CapturePlan, disable_capture, enable_capture
+
+    model, proc = tiny
+    proc.tokenizer.padding_side = "left"
+    recs = [records[0], records[3]]
+    batch = LavenderCollator(proc, FAM, model.config)(recs)
+    attentions = _eager(model, batch)
+    sizes = [[(60, 40)] for _ in recs]
+    grids = FAM.image_grids(batch, sizes, model.config, proc)
+    keys, key_valid, _ = keys_from_grids(grids, len(recs))
+    rows = []
+    for b in range(len(recs)):
+        first = int((batch["labels"][b] != -100).nonzero()[0])
+        img = (batch["input_ids"][b] == model.config.image_token_id).nonzero().flatten()
+        rows.append([int(img[0]), int(img[5]), first - 3, first - 1])  # image rows and prompt rows
+    rows_t = torch.tensor(rows)
+    layers = FAM.default_layers(model)
+    model.set_attn_implementation("sdpa")
+    capture = enable_capture(model, FAM)
+    capture.arm(CapturePlan(layers, rows_t, torch.ones_like(rows_t, dtype=torch.bool), keys, key_valid))
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "lavender"})
+    for layer in layers:
+        want = torch.stack([attentions[layer][b][:, rows_t[b]][:, :, keys[b]] for b in range(len(recs))])
+        got = capture.maps[layer]
+        assert (got - want).abs().max() < 1e-5
+        # a prefix row attends to image keys AFTER it (bidirectional), so the test is about the prefix mask
+        assert want[:, :, 0, -1].min() > 0
+    disable_capture(model, FAM)
+
+
+def test_a_generation_prompt_is_all_prefix(tiny) -> None:
+    from lavender.chat import render
+
+    model, proc = tiny
+    text = render(proc, [{"role": "user", "content": "<image>What colour is the circle?"}], add_generation_prompt=True)
+    assert text == "<image><bos>What colour is the circle?\n"
+    image = Image.new("RGB", (30, 20))
+    enc = FAM.encode(proc, [text], [[image]], return_tensors="pt")
+    tokens = proc.tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    assert tokens[:16] == ["<image>"] * 16 and tokens[16] == "<bos>" and tokens.count("<bos>") == 1
+    assert tokens[-1] == "\n" and enc["token_type_ids"].eq(0).all()
+
+
+def test_encode_refuses_text_it_cannot_split(tiny) -> None:
+    _, proc = tiny
+    image = Image.new("RGB", (30, 20))
+    with pytest.raises(ValueError, match="PALIGEMMA_TEMPLATE"):
+        FAM.encode(proc, ["<image>USER: hi ASSISTANT: Red.</s>"], [[image]], [22])
+    with pytest.raises(ValueError, match="mixes prompts"):
+        FAM.encode(proc, ["<image><bos>a\nb<eos>", "<image><bos>a\n"], [[image], [image]], [11, None])
+
+
+def test_generation_feeds_the_released_prefix(tiny, monkeypatch) -> None:
+    """``lavender generate``/``eval`` go through the family too: the model is fed images, ONE <bos>, the
+    prompt and its newline, all prefix — not the processor's additions on top of the template's."""
+    from lavender.generation import generate
+
+    model, proc = tiny
+    model.set_attn_implementation("sdpa")
+    seen = []
+    original = model.generate
+
+    def spy(**batch):
+        seen.append(batch)
+        return original(**batch)
+
+    monkeypatch.setattr(model, "generate", spy)
+    prompts = [([{"role": "user", "content": "<image>What is it?" + " please" * i}],
+                [Image.new("RGB", (30 + 10 * i, 20))]) for i in range(2)]
+    generate(model, proc, prompts, max_new_tokens=2, batch_size=2)
+    (batch,) = seen
+    for b in range(2):
+        ids = batch["input_ids"][b][batch["attention_mask"][b].bool()]
+        tokens = proc.tokenizer.convert_ids_to_tokens(ids)
+        assert tokens[:17] == ["<image>"] * 16 + ["<bos>"] and tokens.count("<bos>") == 1 and tokens[-1] == "\n"
+    assert batch["token_type_ids"].eq(0).all()
