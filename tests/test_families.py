@@ -28,7 +28,8 @@ def test_registry_has_the_supported_families_and_rejects_duplicates():
                                              ("qwen2_5_vl", "qwen2_vl"), ("idefics3", "idefics3"),
                                              ("smolvlm", "idefics3"), ("gemma3", "gemma3"), ("qwen3_vl", "qwen3_vl"),
                                              ("paligemma", "paligemma"),
-                                             ("llava_onevision", "llava_onevision"), ("llava_next", "llava_next")])
+                                             ("llava_onevision", "llava_onevision"), ("llava_next", "llava_next"),
+                                             ("internvl", "internvl")])
 def test_detection_from_config(model_type, name):
     assert family_for_config({"model_type": model_type}).name == name
 

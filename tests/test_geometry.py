@@ -408,6 +408,79 @@ def test_onevision_multi_image_sample_is_one_padded_view_each(tiny_vlm):
         check_packed_grid(grid, packed[j], rank)
 
 
+# --- InternVL: dynamic tiles + thumbnail, pixel shuffle ------------------------------------------------
+def placeholder_runs(input_ids: torch.Tensor, token: int) -> list[list[int]]:
+    """Per sample, per image: the positions of its contiguous run of ``token`` (InternVL: one per image)."""
+    out = []
+    for row in input_ids:
+        edges = np.diff(np.r_[0, (row == token).int().numpy(), 0])
+        out.append([list(range(s, e)) for s, e in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))])
+    return out
+
+
+def internvl_packed(config, inputs, image_processor, runs) -> list[np.ndarray]:
+    """Per image (batch order), ``(Σx, Σy, n, is_thumbnail)`` of what the MODEL puts at each placeholder.
+
+    Each view's patches (row-major; CLS dropped) become fake features over the patch's image pixels,
+    folded by the model's OWN ``pixel_shuffle``; a token's 4 channel groups (its 2×2 patches) are summed.
+    The thumbnail is the last view of an image with more than one."""
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    mean = np.asarray(image_processor.image_mean)[:, None, None]
+    std = np.asarray(image_processor.image_std)[:, None, None]
+    patch = config.vision_config.patch_size[0]
+    pv = inputs["pixel_values"].numpy() * std + mean  # (all views, 3, T, T)
+    v, _, t, _ = pv.shape
+    cells = pv.reshape(v, 3, t // patch, patch, t // patch, patch).transpose(0, 2, 4, 1, 3, 5)
+    inside = cells[:, :, :, 2] > 0.95  # image pixels only (resampling blends the borders)
+    sizes = inputs["_sizes"]
+    out, start = [], 0
+    for (w, h), run in zip([s for ss in sizes for s in ss], [r for rr in runs for r in rr]):
+        views = len(run) // config.image_seq_length
+        c, m = cells[start:start + views], inside[start:start + views]
+        f = np.stack([(c[:, :, :, 0] * w * m).sum((-1, -2)), (c[:, :, :, 1] * h * m).sum((-1, -2)), m.sum((-1, -2)),
+                      np.zeros(m.shape[:3])], -1)  # (views, rows, cols, 4)
+        if views > 1:
+            f[-1, ..., 3] = 1.0
+        shuffled = InternVLModel.pixel_shuffle(None, torch.tensor(f), config.downsample_ratio)
+        out.append(shuffled.reshape(views, -1, 4, 4).sum(2).reshape(-1, 4).numpy())
+        start += views
+    assert start == v, "the views of the batch's images do not add up to pixel_values"
+    return out
+
+
+INTERNVL_CASES = [((20, 24), (1, 1)), ((56, 56), (1, 1)), ((70, 40), (1, 2)), ((150, 40), (1, 4)),
+                  ((40, 170), (4, 1)), ((90, 100), (2, 2)), ((300, 20), (1, 6))]
+
+
+@pytest.mark.parametrize("size,tiles", INTERNVL_CASES, ids=[f"{w}x{h}" for (w, h), _ in INTERNVL_CASES])
+def test_internvl_tiles_stitched_thumbnail_dropped(tiny_vlm, size, tiles):
+    """InternVL: small/square = one tile (no thumbnail); wide, tall, very wide and 2×2 tilings; tiles
+    stitched row-major, pixel shuffle 2×2 → 4×4 tokens per tile, thumbnail last and dropped; the second
+    sample holds two images and is padded (left: InternVL's processor default)."""
+    fam, processor, config = load(tiny_vlm, "internvl")
+    sizes = [[size], [size, (60, 30)]]
+    inputs = processor(images=[[index_image(*s) for s in ss] for ss in sizes],
+                       text=[chat(processor), "hello there " + chat(processor, 2)], return_tensors="pt", padding=True)
+    grids = fam.image_grids(inputs, sizes, config, processor)
+    assert [(g.rows, g.cols) for g in grids] == [(tiles[0] * 4, tiles[1] * 4)] * 2 + [(4, 8)]
+    assert grids[0].covers == (0.0, 0.0, float(size[0]), float(size[1]))
+    runs = placeholder_runs(inputs["input_ids"], config.image_token_id)
+    packed = internvl_packed(config, {**inputs, "_sizes": sizes}, processor.image_processor, runs)
+    for grid, feats, run in zip(grids, packed, [r for rr in runs for r in rr]):
+        rank = {p: n for n, p in enumerate(run)}
+        assert len(rank) == feats.shape[0]
+        keys = grid.key_index.view(grid.rows, grid.cols)
+        for r in range(grid.rows):
+            for c in range(grid.cols):
+                sx, sy, n, thumb = feats[rank[int(keys[r, c])]]
+                assert thumb == 0 and n > 0, f"cell ({r}, {c}) is a thumbnail token or reads only padding"
+                ex, ey, cw, ch = expected_centre(grid, r, c)
+                assert abs(sx / n - ex) < TOL * cw and abs(sy / n - ey) < TOL * ch, (
+                    f"cell ({r}, {c}) of {grid.rows}x{grid.cols}: holds ({sx / n:.1f}, {sy / n:.1f}), "
+                    f"expected ({ex:.1f}, {ey:.1f})")
+
+
 # --- to_frame against hand-made cases ---------------------------------------------------------------
 def one_hot(rows: int, cols: int, r: int, c: int) -> torch.Tensor:
     g = torch.zeros(rows, cols)

@@ -117,8 +117,9 @@ class LavenderCollator:
                                    add_special_tokens=adds_special_tokens(self.processor.tokenizer, layouts[0].text))
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         lengths = mask.sum(1).tolist()
-        left = self.processor.tokenizer.padding_side == "left"
-        offsets = [input_ids.shape[1] - n if left else 0 for n in lengths]
+        # where each sample's tokens start, from the mask: a processor may pad on its own side
+        # (InternVL's always pads left, whatever the tokenizer's padding_side)
+        offsets = [int(mask[b].nonzero()[0]) if n else 0 for b, n in enumerate(lengths)]
         for b, lay in enumerate(layouts):
             if lay.align_to(input_ids[b, offsets[b]: offsets[b] + lengths[b]].tolist()):
                 logger.warning("record %s: text before an image was not found in the processor's tokens; "

@@ -31,6 +31,8 @@ pinned in ``tests/test_layout_check.py``. No third-party file is vendored.
   system prompt.
 - ``llava_onevision`` (llava-onevision-qwen2-*-ov-hf): ChatML over the Qwen2 tokenizer, no default
   system prompt; a message's images come FIRST, each as ``<image>\\n``, then its text (as LLaVA-1.5).
+- ``internvl`` (InternVL3 / 3.5 ``-hf``): ChatML over the Qwen2 tokenizer, no default system prompt;
+  images in place as ``<IMG_CONTEXT>\\n`` (the processor writes ``<img>`` + tokens + ``</img>``).
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ TEMPLATES["llava_onevision"] = (
     "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
+# InternVL (-hf): ChatML, no default system prompt, images where they are, each '<IMG_CONTEXT>\\n'
+TEMPLATES["internvl"] = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}{%- if m['content'] is string %}"
+    "{{- m['content'] }}{%- else %}" + _TEXT.replace("IMAGE", "'<IMG_CONTEXT>\\n'")
+    + "{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
 # (pre-tokenisation, bos, eos, pad, special tokens the family's processor needs)
 _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
     "mllama": ("llama3", "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>",
@@ -110,6 +119,8 @@ _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
     "qwen3_vl": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>",
                  ["<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]),
     "llava_onevision": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>", ["<|im_start|>", "<image>", "<video>"]),
+    "internvl": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>",
+                 ["<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]),
     # PaliGemma: Gemma's tokenizer (sentencepiece-style, no space prepended); its processor adds <image>
     # when missing and the <locNNNN>/<segNNN> tokens, and turns the BOS off (it writes <bos> itself)
     "paligemma": ("gemma", "<bos>", "<eos>", "<pad>", ["<image>"]),
@@ -119,7 +130,10 @@ _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
 }
 # special tokens a processor reads by NAME (Gemma3Processor: tokenizer.boi_token, .image_token, ...)
 _NAMED = {"gemma3": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                     "image_token": "<image_soft_token>", "sot_token": "<start_of_turn>"}}
+                     "image_token": "<image_soft_token>", "sot_token": "<start_of_turn>"},
+          # InternVLProcessor reads tokenizer.start_image_token, .context_image_token, ...
+          "internvl": {"start_image_token": "<img>", "end_image_token": "</img>",
+                       "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}}
 
 CORPUS = (
     "What colour is the circle? Red. What is the shape of the red object? A square. Is there a cross? Yes, "
