@@ -31,7 +31,7 @@ FAMILIES = sorted(TEMPLATES)
 # tokenizer's EOS is trained instead, as LLaVA-1.5 was trained)
 END_OF_TURN = {"mllama": "<|eot_id|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>",
                "gemma3": "<end_of_turn>", "qwen3_vl": "<|im_end|>", "paligemma": "<eos>", "llava_onevision": "<|im_end|>",
-               "internvl": "<|im_end|>"}
+               "internvl": "<|im_end|>", "llava_next": "</s>"}
 
 U, A, S = "user", "assistant", "system"
 CONVERSATIONS = {
@@ -83,7 +83,7 @@ def _expected_words(rec: Record, align_on: str, family: str) -> list[str]:
     if family == "paligemma":  # PaliGemma's processor puts every image before all the text
         return [w.text for r, c in turns if align_on == "all" or r == "assistant"
                 for w in split_words(c.replace("<image>", " "))]
-    if family in ("llava", "llava_onevision"):
+    if family in ("llava", "llava_onevision", "llava_next"):
         turns = [(r, "<image>" * c.count("<image>") + c.replace("<image>", "")) for r, c in turns]
     last = max(i for i, (_, c) in enumerate(turns) if "<image>" in c)
     after = [(r, c.rsplit("<image>", 1)[1] if i == last else c) for i, (r, c) in enumerate(turns) if i >= last]
@@ -158,6 +158,7 @@ RENDERED = {
     "paligemma": "<image><bos>What colour is the circle?\nRed.<eos>",
     "llava_onevision": ("<|im_start|>user\n<image>\nWhat colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
                         "Red.<|im_end|>\n"),
+    "llava_next": "[INST] <image>\nWhat colour is the circle? [/INST] Red.</s> ",
     "internvl": ("<|im_start|>user\n<IMG_CONTEXT>\nWhat colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
                  "Red.<|im_end|>\n"),
 }

@@ -31,6 +31,10 @@ pinned in ``tests/test_layout_check.py``. No third-party file is vendored.
   system prompt.
 - ``llava_onevision`` (llava-onevision-qwen2-*-ov-hf): ChatML over the Qwen2 tokenizer, no default
   system prompt; a message's images come FIRST, each as ``<image>\\n``, then its text (as LLaVA-1.5).
+- ``llava_next`` (llava-v1.6-mistral-7b-hf, the most used LLaVA-NeXT): Mistral's ``[INST] … [/INST]``
+  over a Llama-2-style sentencepiece tokenizer; a message's images first as ``<image>\\n``; the answer
+  as `` answer</s> ``; a system message as ``<<SYS>>\\n…\\n<</SYS>>\\n\\n``; no generation prompt (the
+  user turn ends with `` [/INST]``). The Vicuna checkpoints speak ``llava``'s format.
 - ``internvl`` (InternVL3 / 3.5 ``-hf``): ChatML over the Qwen2 tokenizer, no default system prompt;
   images in place as ``<IMG_CONTEXT>\\n`` (the processor writes ``<img>`` + tokens + ``</img>``).
 """
@@ -99,6 +103,15 @@ TEMPLATES["llava_onevision"] = (
     "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
+# LLaVA-NeXT (llava-v1.6-mistral-7b-hf): Mistral [INST] turns, a message's images before its text
+TEMPLATES["llava_next"] = (
+    "{%- for m in messages %}{%- if m['role'] == 'system' %}"
+    "{{- '<<SYS>>\\n' + m['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}{%- elif m['role'] == 'user' %}"
+    "{{- '[INST] ' }}{%- for c in m['content'] %}{%- if c['type'] == 'image' %}{{- '<image>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- for c in m['content'] %}{%- if c['type'] == 'text' %}{{- c['text'] }}{%- endif %}"
+    "{%- endfor %}{{- ' [/INST]' }}{%- elif m['role'] == 'assistant' %}"
+    "{{- ' ' + m['content'][0]['text'] + '</s> ' }}{%- endif %}{%- endfor %}")
+
 # InternVL (-hf): ChatML, no default system prompt, images where they are, each '<IMG_CONTEXT>\\n'
 TEMPLATES["internvl"] = (
     "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}{%- if m['content'] is string %}"
@@ -119,6 +132,7 @@ _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
     "qwen3_vl": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>",
                  ["<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]),
     "llava_onevision": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>", ["<|im_start|>", "<image>", "<video>"]),
+    "llava_next": ("sentencepiece", "<s>", "</s>", "<pad>", ["<image>"]),
     "internvl": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>",
                  ["<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]),
     # PaliGemma: Gemma's tokenizer (sentencepiece-style, no space prepended); its processor adds <image>
