@@ -41,10 +41,12 @@ def _record_inputs(model: torch.nn.Module, suffix: str) -> tuple[dict, list]:
     """Forward-pre-hooks that keep each ``suffix`` attention module's (hidden, encoder hidden) inputs."""
     seen: dict[str, tuple] = {}
     mods = {n: m for n, m in model.named_modules() if n.endswith(suffix)}
-    hooks = [m.register_forward_pre_hook(
-        lambda mod, a, kw, name=n: seen.__setitem__(name, ((a[0] if a else kw["hidden_states"]).detach(),
-                                                           kw["encoder_hidden_states"].detach())),
-        with_kwargs=True) for n, m in mods.items()]
+    def keep(mod, a, kw, name):
+        enc, rot = kw.get("encoder_hidden_states"), kw.get("image_rotary_emb")
+        seen[name] = ((a[0] if a else kw["hidden_states"]).detach(), None if enc is None else enc.detach(), rot)
+
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw, name=n: keep(mod, a, kw, name), with_kwargs=True)
+             for n, m in mods.items()]
     return seen, hooks
 
 
@@ -110,7 +112,7 @@ def test_sdxl_captured_maps_equal_explicit_softmax(sdxl):
         h.remove()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)  # capture does not change the UNet
     expected = {4: torch.zeros(2, 16, 77, dtype=torch.float64), 8: torch.zeros(2, 64, 77, dtype=torch.float64)}
-    for name, (hs, ctx) in seen.items():
+    for name, (hs, ctx, _) in seen.items():
         attn = sdxl.unet.get_submodule(name)
         q = hs.double() @ attn.to_q.weight.double().T
         k = ctx.double() @ attn.to_k.weight.double().T
@@ -250,7 +252,7 @@ def test_sd3_captured_maps_equal_explicit_softmax_over_all_keys(sd3):
         h.remove()
     assert torch.equal(out, ref)
     expected = torch.zeros(2, 64, 256, dtype=torch.float64)
-    for name, (hs, ctx) in seen.items():
+    for name, (hs, ctx, _) in seen.items():
         attn = sd3.transformer.get_submodule(name)
         heads, d = attn.heads, attn.to_q.out_features // attn.heads
 
@@ -341,3 +343,146 @@ def test_sd3_medium_architecture_has_sd3_medium_sizes():
         t = SD3Transformer2DModel(sample_size=128, **arch["transformer"])
     assert sum(p.numel() for p in t.parameters()) == 2_028_328_000
     assert len(t.transformer_blocks) == 24 and 128 // t.config.patch_size == 64 and arch["image_size"] == 1024
+
+
+
+# ------------------------------------------------------------------------------------------ Flux
+@pytest.fixture(scope="module")
+def flux():
+    return load_teacher(tiny("flux"))
+
+
+def test_flux_is_detected_with_double_stream_defaults(flux):
+    from lavender.diffusion.teachers import FluxModel
+
+    assert isinstance(flux, FluxModel) and flux.flow and flux.grid == 8 and flux.image_size == 32
+    sides = flux.attention_sides()
+    assert sorted(sides) == ["single_transformer_blocks.0.attn.processor", "transformer_blocks.0.attn.processor",
+                             "transformer_blocks.1.attn.processor"] and set(sides.values()) == {8}
+    assert flux.default_resolutions(sides) == [8] and flux.default_modules == ["transformer_blocks."]
+    store = AttentionAccumulator([8], 1, 512)
+    assert flux.install_capture(store, sides, flux.default_modules) == ["transformer_blocks.0.attn.processor",
+                                                                        "transformer_blocks.1.attn.processor"]
+
+
+def test_flux_conditioning_and_call_are_the_pipelines(flux):
+    """T5 states + CLIP pooled as FluxPipeline.encode_prompt gives them; the velocity is the transformer
+    called on the pipeline's 2×2-packed latents, image/text position ids, σ as timestep, guidance 3.5."""
+    from diffusers import FluxPipeline
+
+    from lavender.diffusion.teachers import unpack
+
+    pipe = FluxPipeline.from_pretrained(tiny("flux"))
+    texts = ["a red circle_x, left of squares", "two dogs"]
+    pe, pp, text_ids = pipe.encode_prompt(texts, texts, device="cpu")
+    tokens, pooled = unpack(flux.encode_prompts(flux.tokenize(texts)), flux.pooled_dim)
+    assert tokens.shape == (2, 512, 32) and pooled.shape == (2, 16)
+    ids = pipe.tokenizer_2(texts, padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+    assert torch.equal(flux.tokenize(texts)["input_ids"], ids["input_ids"])
+    torch.testing.assert_close(tokens, pe, atol=1e-4, rtol=1e-4)  # the same T5 call; float32 reduction order
+    torch.testing.assert_close(pooled, pp)
+    torch.testing.assert_close(flux.txt_ids, text_ids)
+    torch.testing.assert_close(flux.img_ids, pipe._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32))
+    x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pipe.transformer(hidden_states=pipe._pack_latents(x, 2, 16, 16, 16), timestep=torch.tensor([0.3, 0.3]),
+                               guidance=torch.tensor([3.5, 3.5]), pooled_projections=pp, encoder_hidden_states=pe,
+                               txt_ids=text_ids, img_ids=flux.img_ids).sample
+        ours = flux.velocity(x, 300.0, flux.encode_prompts(flux.tokenize(texts)))
+    torch.testing.assert_close(ours, pipe._unpack_latents(ref, 32, 32, 2))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Flux's rotary embedding written out, x (B, S, H, d): rotate each (even, odd) pair by the angle
+    of its position: (a, b) → (a·cos − b·sin, b·cos + a·sin)."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    rotated = torch.stack([-b, a], dim=-1).flatten(-2)
+    return x * cos[None, :, None, :].double() + rotated * sin[None, :, None, :].double()
+
+
+def test_flux_captured_maps_equal_explicit_softmax_with_rope(flux):
+    """Double-stream AND single-stream blocks: softmax(QKᵀ/√d) over the whole [512 text, 64 image]
+    sequence, Q/K from the block's own projections, q/k RMS norms, then RoPE, text FIRST; the stored
+    block is image rows × T5 columns, heads averaged, conditional half; output unchanged."""
+    import torch.nn.functional as F
+
+    sides = flux.attention_sides()
+    store = AttentionAccumulator([8], 2, 512)
+    flux.install_capture(store, sides, ["transformer_blocks.", "single_transformer_blocks."])
+    seen, hooks = _record_inputs(flux.transformer, ".attn")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 16, 16, generator=g)
+    cond = flux.encode_prompts(flux.tokenize(["a red dog", "blue squares left of a cat"]))
+    uncond = flux.null_embedding().expand(2, -1, -1)
+    with torch.no_grad():
+        ref = flux.velocity(torch.cat([x, x]), 500.0, torch.cat([uncond, cond]))
+        store.reset(2)
+        store.active = True
+        out = flux.velocity(torch.cat([x, x]), 500.0, torch.cat([uncond, cond]))
+        store.active = False
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out, ref)
+    assert sorted(seen) == [k.rsplit(".processor", 1)[0] for k in sorted(sides)]
+    expected = torch.zeros(2, 64, 512, dtype=torch.float64)
+    for name, (hs, ctx, (cos, sin)) in seen.items():
+        attn = flux.transformer.get_submodule(name)
+        heads, d = attn.heads, attn.head_dim
+
+        def proj(lin, t, norm, heads=heads, d=d):
+            return _rms(F.linear(t.double(), lin.weight.double(), lin.bias.double()).view(t.shape[0], -1, heads, d),
+                        norm)
+
+        q, k = proj(attn.to_q, hs, attn.norm_q), proj(attn.to_k, hs, attn.norm_k)
+        if ctx is not None:  # double-stream: text projections first
+            q = torch.cat([proj(attn.add_q_proj, ctx, attn.norm_added_q), q], dim=1)
+            k = torch.cat([proj(attn.add_k_proj, ctx, attn.norm_added_k), k], dim=1)
+        assert q.shape[1] == 512 + 64
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        probs = torch.stack([_softmax_rows(q[:, :, i] @ k[:, :, i].transpose(1, 2) / math.sqrt(d))
+                             for i in range(heads)]).mean(0)
+        expected += probs[2:, 512:, :512]  # conditional half, image queries, text keys
+    assert store.counts == {8: 3}
+    torch.testing.assert_close(store.buffers[8][:2].double(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("recipe,extra,evals,modules", [
+    ("ddim", [], 3, ["transformer_blocks.0.attn.processor", "transformer_blocks.1.attn.processor"]),
+    ("noise", ["--timesteps", "300"], 1, ["transformer_blocks.0.attn.processor",
+                                          "transformer_blocks.1.attn.processor"]),
+    ("noise", ["--layers", "single_transformer_blocks"], 1, ["single_transformer_blocks.0.attn.processor"])])
+def test_flux_extracts_end_to_end(tmp_path, capsys, recipe, extra, evals, modules):
+    data = write_images_and_records(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    assert main(["extract", "--dm", tiny("flux"), "--data", str(data), "--out", str(out), "--recipe", recipe,
+                 "--json", *FAST, *extra]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["done"] == 2 and summary["unet_evals_per_image"] == evals
+    m = AttentionStore(out).manifest
+    assert m["dm"]["class"] == "FluxPipeline" and m["resolutions"] == [8] and m["captured_modules"] == modules
+    assert m["text"]["max_length"] == 512
+    ex = AttentionStore(out).get("img_000")
+    assert ex["words"] == ["a", "red", "circle", "left", "of", "a", "blue", "square", "0"]
+    assert ex["maps"].shape == (9, 16, 16) and np.isfinite(ex["maps"]).all() and ex["maps"].max() == 1
+
+
+def test_flux_nulltext_is_refused_in_one_line(tmp_path, capsys):
+    data = write_images_and_records(tmp_path / "data", 1)
+    assert main(["extract", "--dm", tiny("flux"), "--data", str(data), "--out", str(tmp_path / "o"), *FAST,
+                 "--recipe", "nulltext"]) != 0
+    err = capsys.readouterr().err
+    assert "nulltext is not defined for FluxPipeline" in err and "Traceback" not in err
+
+
+def test_flux_dev_architecture_has_flux_dev_sizes():
+    """The GPU benchmarks' random Flux must be FLUX.1-dev-sized: 11,901,408,320 transformer parameters
+    (meta device), 19 double- and 38 single-stream blocks."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    from lavender.diffusion.tiny import ARCHITECTURES
+
+    with init_empty_weights():
+        t = FluxTransformer2DModel(**ARCHITECTURES["flux-dev"]["transformer"])
+    assert sum(p.numel() for p in t.parameters()) == 11_901_408_320
+    assert (len(t.transformer_blocks), len(t.single_transformer_blocks)) == (19, 38)

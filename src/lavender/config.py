@@ -723,7 +723,7 @@ def report_error(prog: str, exc: BaseException, debug: bool) -> int:
 # --------------------------------------------------------------------------------- tools
 Metric = Literal["vqa", "anls", "relaxed", "mc", "yesno", "exact", "contains", "cider"]
 METRIC_NAMES: tuple[str, ...] = typing.get_args(Metric)
-DMArchitecture = Literal["tiny", "sd14", "sdxl", "sdxl-base", "sd3", "sd3-medium"]
+DMArchitecture = Literal["tiny", "sd14", "sdxl", "sdxl-base", "sd3", "sd3-medium", "flux", "flux-dev"]
 
 
 def _check_family(name: str) -> None:
@@ -759,9 +759,9 @@ class TinyDMConfig(Checked):
     out: str = opt(dataclasses.MISSING, "folder to write the pipeline to", positional=True, metavar="OUT")
     seed: int = opt(0, "weight initialisation seed")
     image_size: int = opt(64, "image side in px, tiny only (64: cross-attention maps of side 32, 16)")
-    architecture: DMArchitecture = opt("tiny", "tiny (SD-1.x layout), sdxl or sd3 (tiny layouts of those); "
-                                       "sd14 / sdxl-base / sd3-medium: the real models' layer sizes, random "
-                                       "float16 weights")
+    architecture: DMArchitecture = opt("tiny", "tiny (SD-1.x layout), sdxl, sd3 or flux (tiny layouts of those); "
+                                       "sd14 / sdxl-base / sd3-medium / flux-dev: the real models' layer sizes, "
+                                       "random 16-bit weights")
 
     def __post_init__(self) -> None:
         self.check_choices()

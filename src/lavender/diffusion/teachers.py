@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lavender.diffusion.capture import AttentionAccumulator, cross_attention_sides
@@ -165,12 +166,15 @@ class FlowSchedule:
     def sigmas(self, steps: int) -> list[float]:
         """The scheduler's ``steps``-step grid, descending, ending at 0 (clean)."""
         cfg = self.scheduler.config
-        kw = {}
-        if cfg.get("use_dynamic_shifting", False):  # Flux: the shift grows with the number of image tokens
+        if cfg.get("use_dynamic_shifting", False):
+            # Flux: as FluxPipeline sets them, σ = linspace(1, 1/n, n) shifted by mu, which grows linearly
+            # with the number of image tokens from base_shift (base_image_seq_len) to max_shift
             lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
             b0, b1 = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-            kw["mu"] = b0 + (b1 - b0) * (self.image_seq_len - lo) / (hi - lo)
-        self.scheduler.set_timesteps(steps, device="cpu", **kw)
+            mu = b0 + (b1 - b0) * (self.image_seq_len - lo) / (hi - lo)
+            self.scheduler.set_timesteps(sigmas=list(np.linspace(1.0, 1 / steps, steps)), device="cpu", mu=mu)
+        else:  # SD3: as StableDiffusion3Pipeline sets them
+            self.scheduler.set_timesteps(steps, device="cpu")
         return [float(x) for x in self.scheduler.sigmas]
 
 
@@ -280,7 +284,7 @@ class FlowTeacher:
         procs = dict(self.transformer.attn_processors)
         for k in chosen:
             procs[k] = JointCaptureProcessor(procs[k], store, self.grid, self.text_keys, self.text_first,
-                                             self._queries_keys)
+                                             self._queries_keys, self._single_text_len(k))
         self.transformer.set_attn_processor(procs)
         return chosen
 
@@ -292,13 +296,17 @@ class JointCaptureProcessor:
     The probabilities are softmax(QKᵀ/√d) over ALL keys of the joint sequence (image and text), as the
     model computes them, in float32, one head at a time (the full (B, H, N, N) tensor of SD3 at 1024 px
     would be gigabytes); only the columns of ``text_keys`` (positions within the text part) are kept,
-    averaged over heads: (B, N_img, T_words).
+    averaged over heads: (B, N_img, T_words). ``queries_keys(attn, hidden, encoder_hidden, rotary,
+    n_text)`` gives the image queries and all keys, (B, H, ·, d), as the model forms them. A
+    single-stream block (Flux) gets the text already in ``hidden`` (first ``n_text`` tokens) and no
+    encoder states.
     """
 
     def __init__(self, inner, store: AttentionAccumulator, side: int, text_keys: slice, text_first: bool,
-                 queries_keys):
+                 queries_keys, n_text: int | None = None):
         self.inner, self.store, self.side = inner, store, side
         self.text_keys, self.text_first, self.queries_keys = text_keys, text_first, queries_keys
+        self.n_text = n_text
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
@@ -308,7 +316,7 @@ class JointCaptureProcessor:
             kwargs["attention_mask"] = attention_mask
         if image_rotary_emb is not None:
             kwargs["image_rotary_emb"] = image_rotary_emb
-        if self.store.active and encoder_hidden_states is not None:
+        if self.store.active and (encoder_hidden_states is not None or self.n_text):
             if attention_mask is not None:
                 raise ValueError("joint-attention capture does not apply attention masks; run without one")
             self.store.add(self.side, self.image_text_probs(attn, hidden_states, encoder_hidden_states,
@@ -316,9 +324,9 @@ class JointCaptureProcessor:
         return self.inner(attn, hidden_states, encoder_hidden_states, **kwargs)
 
     def image_text_probs(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb=None) -> torch.Tensor:
+        n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.n_text
         # (B, H, N_img, d) image queries, (B, H, S, d) all keys of the joint sequence
-        q, k = self.queries_keys(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        n_txt = encoder_hidden_states.shape[1]
+        q, k = self.queries_keys(attn, hidden_states, encoder_hidden_states, image_rotary_emb, n_txt)
         start = 0 if self.text_first else k.shape[2] - n_txt
         cols = slice(start + self.text_keys.start, start + self.text_keys.stop)
         scale = q.shape[-1] ** -0.5
@@ -379,7 +387,11 @@ class SD3Model(FlowTeacher):
         return len(parts) == 4 and parts[0] == "transformer_blocks" and parts[2] == "attn"
 
     @staticmethod
-    def _queries_keys(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None):
+    def _single_text_len(key: str) -> None:
+        return None  # SD3 has no single-stream blocks
+
+    @staticmethod
+    def _queries_keys(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None, n_text=None):
         """Image queries and all keys of SD3's joint attention, (B, H, ·, d), q/k norms applied."""
         b, h = hidden_states.shape[0], attn.heads
 
@@ -437,7 +449,120 @@ class SD3Model(FlowTeacher):
         return self.encode_prompts(self.tokenize([""]))
 
 
+# ------------------------------------------------------------------------------------------ Flux
+class FluxModel(SD3Model):
+    """FLUX.1 (MM-DiT, flow matching). The ``transformer_blocks.i`` (double-stream) attention runs over
+    [T5 tokens (L = 512), image tokens (N)] — text FIRST — with q/k RMS norms and then the rotary
+    position embedding applied to queries and keys before the scores; ``single_transformer_blocks.i``
+    (single-stream) attend over the same concatenated sequence inside one stream.
+
+    Words are T5's tokens (``tokenizer_2``, the pipeline's default 512-token window); the CLIP encoder
+    only gives the pooled vector. The stored map is the image-query attention to a word's T5 keys, the
+    softmax taken over all L + N keys. Default modules: the double-stream blocks (``--layers
+    single_transformer_blocks`` reads the single-stream ones, or both with ``--layers transformer_blocks
+    single_transformer_blocks``). A guidance-distilled model (``guidance_embeds``: FLUX.1-dev) is given
+    the pipeline's default distilled guidance 3.5 in every call; ``--guidance`` is true classifier-free
+    guidance with the empty text, as FluxPipeline's ``true_cfg_scale``.
+    """
+
+    pipeline_class = "FluxPipeline"
+    text_first = True
+    default_modules = ["transformer_blocks."]
+    distilled_guidance = 3.5
+
+    def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(path, dtype=dtype)
+        if pipe.text_encoder_2 is None or pipe.tokenizer_2 is None:
+            raise ValueError(f"{path}: a Flux pipeline without its T5 encoder: Stage 1's words are T5's tokens")
+        self.device, self.dtype = torch.device(device), dtype
+        self.transformer = pipe.transformer.to(self.device).eval().requires_grad_(False)
+        self.unet = self.transformer
+        self.vae = pipe.vae.to(self.device).eval().requires_grad_(False)
+        self.clip = pipe.text_encoder.to(self.device).eval().requires_grad_(False)
+        self.t5 = pipe.text_encoder_2.to(self.device).eval().requires_grad_(False)
+        self.clip_tokenizer, self.tokenizer = pipe.tokenizer, pipe.tokenizer_2
+        self.max_length = 512  # the pipeline's default max_sequence_length
+        self.clip_length = int(pipe.tokenizer.model_max_length)
+        self.text_keys = slice(0, self.max_length)
+        # the image side: the VAE's configured sample size (1024 for FLUX.1), latents 2×2-packed into tokens
+        self.image_size = int(self.vae.config.sample_size)
+        self.latent_side = self.image_size // pipe.vae_scale_factor
+        self.grid = self.latent_side // 2
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.pooled_dim = int(self.transformer.config.pooled_projection_dim)
+        self.joint_dim = int(self.transformer.config.joint_attention_dim)
+        self.schedule = FlowSchedule(pipe.scheduler, self.grid * self.grid)
+        ids = torch.zeros(self.grid, self.grid, 3)
+        ids[..., 1] = torch.arange(self.grid)[:, None]
+        ids[..., 2] = torch.arange(self.grid)[None, :]
+        self.img_ids = ids.reshape(-1, 3).to(self.device, dtype)  # (row, col) of each image token, as FluxPipeline
+        self.txt_ids = torch.zeros(self.max_length, 3, device=self.device, dtype=dtype)
+        self.unet_calls = 0
+
+    @staticmethod
+    def _is_joint(key: str) -> bool:
+        parts = key.split(".")
+        return len(parts) == 4 and parts[0] in ("transformer_blocks", "single_transformer_blocks") \
+            and parts[2] == "attn"
+
+    def _single_text_len(self, key: str) -> int | None:
+        return self.max_length if key.startswith("single_transformer_blocks.") else None
+
+    @staticmethod
+    def _queries_keys(attn, hidden_states, encoder_hidden_states, image_rotary_emb=None, n_text=None):
+        """Flux's image queries and all keys, (B, H, ·, d): projections, q/k RMS norms, text first,
+        then the rotary embedding over the whole joint sequence — the order FluxAttnProcessor uses."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(t):
+            return t.unflatten(-1, (-1, attn.head_dim))  # (B, S, H, d)
+
+        q, k = attn.norm_q(heads(attn.to_q(hidden_states))), attn.norm_k(heads(attn.to_k(hidden_states)))
+        if encoder_hidden_states is not None:  # double-stream: the text's own projections, prepended
+            q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states))), q], dim=1)
+            k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states))), k], dim=1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        return q[:, n_text:].transpose(1, 2), k.transpose(1, 2)
+
+    def _forward(self, x: torch.Tensor, t: float, emb: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens, pooled = unpack(emb, self.pooled_dim)
+        # 2×2 patches of the (B, C, h, w) latent → (B, h/2 · w/2, 4C) tokens, row-major like img_ids
+        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
+        tt = torch.full((b,), t / self.schedule.num_train_timesteps, device=x.device, dtype=self.dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.distilled_guidance, device=x.device, dtype=torch.float32)
+        v = self.transformer(hidden_states=packed.to(self.dtype), timestep=tt, guidance=guidance,
+                             pooled_projections=pooled.to(self.dtype), encoder_hidden_states=tokens.to(self.dtype),
+                             txt_ids=self.txt_ids, img_ids=self.img_ids).sample.float()
+        return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def tokenize(self, texts: list[str]) -> dict:
+        """T5's ids, offsets and special flags (the words; ``truncated`` beyond 512 tokens) and the CLIP
+        ids (``clip_ids``, for the pooled vector only)."""
+        full = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        enc = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+        enc["truncated"] = [len(ids) > self.max_length for ids in full]
+        enc["clip_ids"] = self.clip_tokenizer(texts, padding="max_length", max_length=self.clip_length,
+                                              truncation=True, return_tensors="pt")["input_ids"]
+        return enc
+
+    @torch.inference_mode()
+    def encode_prompts(self, enc: dict) -> torch.Tensor:
+        """T5's last hidden state (B, 512, 4096) and CLIP's pooled output (B, 768), packed."""
+        pooled = self.clip(enc["clip_ids"].to(self.device), output_hidden_states=False).pooler_output
+        t5 = self.t5(enc["input_ids"].to(self.device))[0]
+        return pack(t5.float(), pooled.float())
+
+
 TEACHERS: dict[str, type] = {
     SDXLModel.pipeline_class: SDXLModel,
     SD3Model.pipeline_class: SD3Model,
+    FluxModel.pipeline_class: FluxModel,
 }

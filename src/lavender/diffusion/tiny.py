@@ -265,7 +265,84 @@ ARCHITECTURES: dict[str, dict] = {
                "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"},
         "shift": 3.0,
     },
+    # FLUX.1 (MM-DiT, flow matching): 16-channel latents packed 2×2 into 64-wide tokens, double-stream
+    # blocks (text first) then single-stream blocks, 3-axis rotary positions, T5 tokens + CLIP pooled
+    # vector, distilled guidance embedding (as FLUX.1-dev), resolution-dependent scheduler shift.
+    "flux": {
+        "pipeline": "flux",
+        "image_size": None,
+        "dtype": torch.float32,
+        "transformer": {"patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 1,
+                        "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
+                        "pooled_projection_dim": 16, "guidance_embeds": True, "axes_dims_rope": (2, 2, 4)},
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            "block_out_channels": (16, 32),
+            "norm_num_groups": 8,
+            "latent_channels": 16,
+            "scaling_factor": 0.3611,
+            "shift_factor": 0.1159,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+        },
+        "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "projection_dim": 16},
+        "t5": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+               "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu"},
+    },
+    # the shapes of black-forest-labs/FLUX.1-dev (MM-DiT 19 double + 38 single blocks of width 3072,
+    # CLIP ViT-L + T5-XXL encoder)
+    "flux-dev": {
+        "pipeline": "flux",
+        "image_size": 1024,
+        "dtype": torch.bfloat16,
+        "transformer": {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                        "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                        "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)},
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "latent_channels": 16,
+            "scaling_factor": 0.3611,
+            "shift_factor": 0.1159,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+        },
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "projection_dim": 768},
+        "t5": {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+               "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"},
+    },
 }
+
+
+def _make_flux(out: Path, arch: dict, seed: int, image_size: int) -> Path:
+    """A random ``FluxPipeline`` with ``arch``'s sizes, saved to ``out``. The image side is recorded as
+    the VAE's ``sample_size`` (Stage 1 reads it from there: Flux's transformer has no sample size), and
+    the scheduler is FLUX.1-dev's (flow-matching Euler, shift 3, dynamic resolution shift)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = make_tokenizer(out / "tokenizer")
+    tokenizer_2 = make_t5_tokenizer(out / "tokenizer_2")
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**arch["transformer"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=image_size, **arch["vae"])
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, arch["text"]))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), pad_token_id=tokenizer_2.pad_token_id,
+                                             eos_token_id=tokenizer_2.eos_token_id, **arch["t5"]))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    if arch["dtype"] != torch.float32:
+        pipe.to(arch["dtype"])
+    pipe.save_pretrained(out)
+    return out
 
 
 def make_t5_tokenizer(out: str | Path):
@@ -394,6 +471,8 @@ def make_tiny_dm(out: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE,
         return _make_sdxl(out, arch, seed, image_size)
     if arch.get("pipeline") == "sd3":
         return _make_sd3(out, arch, seed, image_size)
+    if arch.get("pipeline") == "flux":
+        return _make_flux(out, arch, seed, image_size)
     tokenizer = make_tokenizer(out / "tokenizer")
     vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
     torch.manual_seed(seed)
