@@ -486,3 +486,22 @@ def test_flux_dev_architecture_has_flux_dev_sizes():
         t = FluxTransformer2DModel(**ARCHITECTURES["flux-dev"]["transformer"])
     assert sum(p.numel() for p in t.parameters()) == 11_901_408_320
     assert (len(t.transformer_blocks), len(t.single_transformer_blocks)) == (19, 38)
+
+
+@pytest.mark.parametrize("architecture,pipeline", [("sdxl", "StableDiffusionXLPipeline"),
+                                                   ("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")])
+def test_tiny_dm_command_writes_each_teacher(tmp_path, capsys, architecture, pipeline):
+    from lavender.diffusion.teachers import pipeline_class_of
+
+    assert main(["tiny-dm", str(tmp_path / "dm"), "--architecture", architecture, "--image-size", "32"]) == 0
+    assert f"{architecture} " in capsys.readouterr().out and pipeline_class_of(str(tmp_path / "dm")) == pipeline
+
+
+def test_dry_run_on_a_transformer_teacher(tmp_path, capsys):
+    """--dry-run times one transformer call for a flow teacher and prints its evaluations per image."""
+    data = write_images_and_records(tmp_path / "data", 2)
+    assert main(["extract", "--dm", tiny("sd3"), "--data", str(data), "--out", str(tmp_path / "o"), "--dry-run",
+                 "--json", "--recipe", "noise", "--timesteps", "200", "600"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["to_do"] == 2 and s["unet_evals_per_image"] == 2 and s["estimated_seconds"] > 0
+    assert not (tmp_path / "o").exists()

@@ -260,7 +260,8 @@ class ExtractConfig(Checked):
     Running: ``batch_size``, ``dtype``, ``device``, ``shard_size``, ``strict``, ``limit``.
     """
 
-    dm: str = opt(dataclasses.MISSING, "diffusers Stable Diffusion folder or hub id (e.g. from `lavender tiny-dm`)")
+    dm: str = opt(dataclasses.MISSING, "diffusers pipeline folder or hub id: SD-1.x/2.x, SDXL, SD3 or Flux (e.g. "
+                  "from `lavender tiny-dm`)")
     data: str = opt(dataclasses.MISSING, "records JSONL (see docs/records.md)")
     out: str = opt(dataclasses.MISSING, "attention dataset folder (created; reused to resume)")
     recipe: Recipe = opt("ddim", "ddim (default), nulltext (slow) or noise (one noise-and-read pass per timestep)")
