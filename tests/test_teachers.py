@@ -505,3 +505,17 @@ def test_dry_run_on_a_transformer_teacher(tmp_path, capsys):
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s["to_do"] == 2 and s["unet_evals_per_image"] == 2 and s["estimated_seconds"] > 0
     assert not (tmp_path / "o").exists()
+
+
+def test_flux_ddim_grid_is_flux_pipelines(flux):
+    """The Euler grid of Flux's ``ddim`` is FluxPipeline's: linspace(1, 1/n, n) shifted by the mu that
+    calculate_shift gives for the image's token count."""
+    import copy
+
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    sched = copy.deepcopy(flux.schedule.scheduler)
+    c = sched.config
+    mu = calculate_shift(64, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    retrieve_timesteps(sched, 4, "cpu", sigmas=np.linspace(1.0, 1 / 4, 4), mu=mu)
+    assert flux.schedule.sigmas(4) == pytest.approx([float(s) for s in sched.sigmas])
