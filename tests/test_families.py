@@ -27,7 +27,7 @@ def test_registry_has_the_supported_families_and_rejects_duplicates():
 @pytest.mark.parametrize("model_type,name", [("mllama", "mllama"), ("llava", "llava"), ("qwen2_vl", "qwen2_vl"),
                                              ("qwen2_5_vl", "qwen2_vl"), ("idefics3", "idefics3"),
                                              ("smolvlm", "idefics3"), ("gemma3", "gemma3"), ("qwen3_vl", "qwen3_vl"),
-                                             ("paligemma", "paligemma"),
+                                             ("paligemma", "paligemma"), ("minicpmv4_6", "minicpmv"),
                                              ("llava_onevision", "llava_onevision"), ("llava_next", "llava_next"),
                                              ("internvl", "internvl")])
 def test_detection_from_config(model_type, name):

@@ -267,6 +267,68 @@ def test_paligemma_squashed_whole_image(tiny_vlm, size):
         assert check_grid(grid, patch_of_key, processor.image_processor) == 16
 
 
+@pytest.mark.parametrize("size,layout", [((150, 60), None), ((300, 30), None), ((20, 24), None),
+                                         ((200, 200), (2, 2)), ((60, 250), (3, 1)), ((260, 90), (1, 3))])
+def test_minicpmv_slices_stitched_thumbnail_dropped(tiny_vlm, size, layout):
+    """MiniCPM-V 4.6: slices of the whole image stitched onto one grid, the thumbnail dropped; an unsliced
+    image (small, or wide/tall but small in area) is its thumbnail. Token → pixels from the model's own
+    pipeline: NaViT patches row-major per view, the ViT's 2×2 window merger (its window index), then the
+    2×2 MLP merger over the row-major window grid. Two images in the second sample of a padded batch."""
+    from transformers.vision_utils import get_vision_window_index
+
+    fam, processor, config = load(tiny_vlm, "minicpmv")
+    other = (120, 130)
+    text = [chat(processor), "hello there " + chat(processor, 2)]
+    inputs = fam.encode(processor, text, [[index_image(*size)], [index_image(*size), index_image(*other)]],
+                        return_tensors="pt", padding=True)
+    grids = fam.image_grids(inputs, [[size], [size, other]], config, processor)
+    views = inputs["target_sizes"].tolist()
+    sliced = processor.image_processor.get_sliced_grid((size[1], size[0]), 4, 112)
+    assert (tuple(sliced) if sliced else None) == layout  # the test's premise: the processor's own slicing
+    if layout:
+        (sr, sc) = views[1]
+        assert (grids[0].rows, grids[0].cols) == (layout[0] * sr // 4, layout[1] * sc // 4)
+    else:
+        assert (grids[0].rows, grids[0].cols) == (views[0][0] // 4, views[0][1] // 4)
+    p = processor.image_processor.patch_size
+    pv = inputs["pixel_values"][0].numpy()  # (3, p, total_patches * p)
+    # per view: its first patch (column block) and its token run; the model fills the runs in view order
+    starts = np.cumsum([0] + [h * w for h, w in views])
+    ranks = [rank_of(inputs["input_ids"][b], config.image_token_id) for b in range(2)]
+    per_sample = [0, 0]
+    first_view = {}  # grid index -> its first view index
+    v = 0
+    for gi, (b, (w, h)) in enumerate([(0, size), (1, size), (1, other)]):
+        grid = processor.image_processor.get_sliced_grid((h, w), 4, 112)
+        first_view[gi] = (v, per_sample[b])
+        n = 1 + (grid[0] * grid[1] if grid else 0)
+        per_sample[b] += sum(views[v + i][0] * views[v + i][1] // 16 for i in range(n))
+        v += n
+
+    def token_pixels(view: int, j: int) -> np.ndarray:
+        h, w = views[view]
+        window = get_vision_window_index(torch.tensor([[1, h, w]]), 1, 2, 1)[0]  # post-merger token -> 4 patches
+        r, c = divmod(j, w // 4)
+        post = [(2 * r + dr) * (w // 2) + 2 * c + dc for dr in (0, 1) for dc in (0, 1)]
+        patches = [int(starts[view]) + int(q) for t in post for q in window[4 * t: 4 * t + 4]]
+        return np.concatenate([pv[:, :, q * p:(q + 1) * p] for q in patches], axis=2)
+
+    for gi, grid in enumerate(grids):
+        v0, run0 = first_view[gi]
+        rank = ranks[grid.batch_index]
+        sizes_tok = [views[v0 + i][0] * views[v0 + i][1] // 16 for i in range(len(views) - v0)]
+
+        def patch_of_key(key: int, rank=rank, v0=v0, run0=run0, sizes_tok=sizes_tok, gi=gi) -> np.ndarray:
+            j, view = rank[key] - run0, v0
+            while j >= sizes_tok[view - v0]:
+                j, view = j - sizes_tok[view - v0], view + 1
+            if gi < 2 and layout:
+                assert view > v0, "a thumbnail token was placed on the grid"
+            return token_pixels(view, j)
+
+        assert check_grid(grid, patch_of_key, processor.image_processor) == grid.rows * grid.cols
+
+
 @pytest.mark.parametrize("size,layout", [((100, 40), (1, 2)), ((90, 100), (2, 2)), ((30, 100), (2, 1)),
                                          ((40, 40), (2, 2))])
 def test_idefics3_split_image(tiny_vlm, size, layout):

@@ -30,7 +30,8 @@ FAMILIES = sorted(TEMPLATES)
 # the text the released template writes right after an assistant message (LLaVA-1.5: none; the
 # tokenizer's EOS is trained instead, as LLaVA-1.5 was trained)
 END_OF_TURN = {"mllama": "<|eot_id|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>",
-               "gemma3": "<end_of_turn>", "qwen3_vl": "<|im_end|>", "paligemma": "<eos>", "llava_onevision": "<|im_end|>",
+               "gemma3": "<end_of_turn>", "qwen3_vl": "<|im_end|>", "paligemma": "<eos>",
+               "minicpmv": "<|im_end|>", "llava_onevision": "<|im_end|>",
                "internvl": "<|im_end|>", "llava_next": "</s>"}
 
 U, A, S = "user", "assistant", "system"
@@ -156,6 +157,8 @@ RENDERED = {
     "qwen3_vl": ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour is the circle?"
                  "<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"),
     "paligemma": "<image><bos>What colour is the circle?\nRed.<eos>",
+    "minicpmv": ("<|im_start|>user\n<|image_pad|>What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
+                 "Red.<|im_end|>\n"),
     "llava_onevision": ("<|im_start|>user\n<image>\nWhat colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
                         "Red.<|im_end|>\n"),
     "llava_next": "[INST] <image>\nWhat colour is the circle? [/INST] Red.</s> ",

@@ -24,6 +24,8 @@ pinned in ``tests/test_layout_check.py``. No third-party file is vendored.
   ``<|vision_start|><|image_pad|><|vision_end|>``.
 - ``idefics3`` (Idefics3-8B-Llama3; SmolVLM uses the same turn format over a GPT-2-style
   tokenizer): ``<|begin_of_text|>User:<image>…<end_of_utterance>\\nAssistant: …<end_of_utterance>\\n``.
+- ``minicpmv`` (MiniCPM-V 4.6): ChatML over a Qwen tokenizer, one ``<|image_pad|>`` per image, no default
+  system prompt (written from the processor's API; see :mod:`lavender.vlm.families.minicpmv`).
 - ``paligemma`` (no chat template; a prefix-LM): the processor's own text, images first,
   ``<image>…<bos>prompt\\n`` (the bidirectional prefix) then ``answer<eos>`` (the causal suffix);
   see :mod:`lavender.vlm.families.paligemma`.
@@ -138,6 +140,11 @@ _FAMILY_TOKENS: dict[str, tuple[str, str, str, str, list[str]]] = {
     # PaliGemma: Gemma's tokenizer (sentencepiece-style, no space prepended); its processor adds <image>
     # when missing and the <locNNNN>/<segNNN> tokens, and turns the BOS off (it writes <bos> itself)
     "paligemma": ("gemma", "<bos>", "<eos>", "<pad>", ["<image>"]),
+    # MiniCPM-V 4.6: a Qwen3.5 tokenizer (Qwen2's split regex up to combining marks); the processor reads
+    # its image markers by name (_NAMED)
+    "minicpmv": ("qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>",
+                 ["<|im_start|>", "<|image_pad|>", "<|video_pad|>", "<image>", "</image>", "<slice>", "</slice>",
+                  "<image_id>", "</image_id>"]),
     # Gemma 3: sentencepiece-style, no space prepended to the text; generation stops at <end_of_turn>
     "gemma3": ("gemma", "<bos>", "<end_of_turn>", "<pad>",
                ["<start_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]),
@@ -148,6 +155,12 @@ _NAMED = {"gemma3": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_imag
           # InternVLProcessor reads tokenizer.start_image_token, .context_image_token, ...
           "internvl": {"start_image_token": "<img>", "end_image_token": "</img>",
                        "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}}
+
+# MiniCPMV4_6Processor reads tokenizer.image_token, .slice_start_token, ... by name
+_NAMED["minicpmv"] = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "image_start_token": "<image>",
+                      "image_end_token": "</image>", "slice_start_token": "<slice>", "slice_end_token": "</slice>",
+                      "image_id_start_token": "<image_id>", "image_id_end_token": "</image_id>",
+                      "im_start_token": "<|im_start|>"}
 
 CORPUS = (
     "What colour is the circle? Red. What is the shape of the red object? A square. Is there a cross? Yes, "
@@ -175,6 +188,15 @@ def _paligemma_template() -> str:
 
 
 TEMPLATES["paligemma"] = _paligemma_template()  # no released chat template: the processor's prefix/suffix text
+
+
+def _minicpmv_template() -> str:
+    from lavender.vlm.families.minicpmv import MINICPMV_TEMPLATE
+
+    return MINICPMV_TEMPLATE
+
+
+TEMPLATES["minicpmv"] = _minicpmv_template()  # ChatML, one <|image_pad|> per image (see the family)
 
 
 def families_with_formats() -> list[str]:

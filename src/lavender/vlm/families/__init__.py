@@ -9,7 +9,8 @@ def _register_all() -> None:
     # Each module registers itself on import; a missing optional module is skipped, not fatal.
     import importlib
 
-    for name in ("mllama", "llava", "qwen2_vl", "idefics3", "gemma3", "qwen3_vl", "llava_onevision", "paligemma", "internvl"):
+    for name in ("mllama", "llava", "qwen2_vl", "idefics3", "gemma3", "qwen3_vl", "llava_onevision",
+                 "paligemma", "internvl", "minicpmv"):
         try:
             importlib.import_module(f"lavender.vlm.families.{name}")
         except ModuleNotFoundError as e:
