@@ -253,7 +253,7 @@ def test_two_process_cpu_training_with_accelerate(tiny_vlm, world, tmp_path) -> 
 
 @pytest.mark.parametrize("name", ["llama32_11b_lora.yaml", "llava15_7b_lora.yaml", "qwen2vl_7b_lora.yaml",
                                   "qwen3vl_8b_lora.yaml", "minicpmv46_lora.yaml", "llava_onevision_7b_lora.yaml",
-                                  "internvl3_8b_lora.yaml"])
+                                  "internvl3_8b_lora.yaml", "gemma3_12b_lora.yaml"])
 def test_shipped_example_configs_parse(name: str) -> None:
     from lavender.config import LavenderParser
 
