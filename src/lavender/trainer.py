@@ -97,7 +97,15 @@ def load_head_state(head: LavenderHead, run_dir: str) -> bool:
     path = os.path.join(run_dir, HEAD_WEIGHTS)
     if not os.path.exists(path):
         return False
-    head.load_state_dict(load_file(path))
+    state, own = load_file(path), head.state_dict()
+    if any(type(t).__name__ == "DTensor" for t in own.values()):
+        # FSDP2 sharded the head with the model (resuming inside the wrapped model): each rank takes its
+        # shard of the saved full tensors (every rank calls this, in the same key order)
+        from torch.distributed.tensor import distribute_tensor
+
+        state = {k: distribute_tensor(v.to(own[k].device, own[k].dtype), own[k].device_mesh, own[k].placements)
+                 if type(own.get(k)).__name__ == "DTensor" else v for k, v in state.items()}
+    head.load_state_dict(state)
     return True
 
 
@@ -148,6 +156,12 @@ class LavenderTrainer(Trainer):
     def __init__(self, *args: Any, head: LavenderHead | None = None, capture: Any = None,
                  aggregation: str = "heads", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if getattr(self, "is_fsdp_enabled", False) and "FULL_STATE_DICT" not in str(
+                self.accelerator.state.fsdp_plugin.state_dict_type):
+            raise LavenderError("FSDP with fsdp_state_dict_type SHARDED_STATE_DICT: transformers would write no "
+                                "adapter to the run folder and no lavender_head to checkpoints (nothing to use, "
+                                "no Aligner to resume); set fsdp_state_dict_type: FULL_STATE_DICT as "
+                                "examples/accelerate/fsdp2.yaml does")
         self.head = head
         self.capture = capture
         self.aggregation = aggregation
@@ -291,7 +305,10 @@ class LavenderTrainer(Trainer):
     def _measure_grads_now(self) -> bool:
         """grad_ratio at the first logged step and every ``grad_ratio_steps`` optimiser steps after."""
         every = self.args.grad_ratio_steps
-        return bool(every) and self.head is not None and self.state.global_step % every == 0
+        # FSDP2: autograd reaches only the gathered copies of the weights, not the sharded parameters
+        # (torch.autograd.grad would return None for all of them), so the ratio is not logged there
+        return (bool(every) and self.head is not None and not getattr(self, "is_fsdp_enabled", False)
+                and self.state.global_step % every == 0)
 
     def _record(self, loss_vlm: torch.Tensor, loss_att: torch.Tensor, lam: float, align: Any,
                 diag: dict[str, float] | None = None) -> None:
@@ -512,8 +529,8 @@ def calibrate_lambda(trainer: LavenderTrainer, ratio: float, batches: int = 4) -
     """λ such that ``‖λ·∇L_att‖ / ‖∇L_VLM‖ = ratio`` on the trainable VLM weights, at initialisation.
 
     Measured on the first ``batches`` training batches that match any word (the mean of the
-    per-batch ratios at λ = 1); returns ``(λ, measured ratio at λ = 1)``. The gradients are
-    discarded: nothing is trained.
+    per-batch ratios at λ = 1; with several processes, over every process's batches, so that all train
+    with one λ); returns ``(λ, measured ratio at λ = 1)``. The gradients are discarded: nothing is trained.
     """
     if trainer.head is None:
         raise LavenderError("--calibrate-lambda needs --attention (there is no attention term to weigh)")
@@ -536,6 +553,10 @@ def calibrate_lambda(trainer: LavenderTrainer, ratio: float, batches: int = 4) -
             trainer.capture.clear()
     model.zero_grad(set_to_none=True)
     usable = [r for r in ratios if r > 0]
+    if trainer.args.world_size > 1:  # one λ for every rank: pool the ratios of all ranks' batches, in rank order
+        from accelerate.utils import gather_object
+
+        usable = list(gather_object(usable))
     if not usable:
         raise LavenderError("--calibrate-lambda: no batch matched a word (or L_att has no gradient on the "
                             "trainable weights); check --attention and --layers")
