@@ -235,10 +235,10 @@ def test_two_process_cpu_training_with_accelerate(tiny_vlm, world, tmp_path) -> 
                                                                                 "accelerate")):
         pytest.skip("accelerate launcher not installed")
     out = tmp_path / "ddp"
-    # accelerate 1.15: `--cpu --num_processes 2` starts ONE process (its multi-CPU path is mpirun);
-    # `--multi_gpu` spawns 2 processes through torch.distributed.run, which use gloo on a CPU machine
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # the shipped examples/accelerate/cpu_2proc.yaml: its MULTI_GPU path spawns 2 processes through
+    # torch.distributed.run, which use gloo here (`--cpu --num_processes 2` would start ONE: mpirun's path)
+    config = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate", "cpu_2proc.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--dynamo_backend", "no",
            "-m", "lavender", "train", "--model", tiny_vlm("mllama"), "--data", world["data"],
            "--attention", world["attention"], "--out", str(out), "--max_steps", "2",
            "--per_device_train_batch_size", "1", "--disable_tqdm", "true", "--use_cpu", "true"]
