@@ -176,3 +176,43 @@ def test_generation_feeds_the_released_prefix(tiny, monkeypatch) -> None:
         tokens = proc.tokenizer.convert_ids_to_tokens(ids)
         assert tokens[:17] == ["<image>"] * 16 + ["<bos>"] and tokens.count("<bos>") == 1 and tokens[-1] == "\n"
     assert batch["token_type_ids"].eq(0).all()
+
+
+def test_a_released_processor_without_chat_template_gets_the_family_template(tmp_path) -> None:
+    """Released PaliGemma / PaliGemma 2 folders ship no chat template; loading through the family (or
+    ``load_vlm``) attaches :data:`PALIGEMMA_TEMPLATE`, so the collator and ``generate`` work on them."""
+    import json
+    import os
+
+    from lavender.generation import generate
+    from lavender.vlm.families.paligemma import PALIGEMMA_TEMPLATE
+    from lavender.vlm.formats import build_tiny_real_format
+    from lavender.vlm.load import load_vlm
+    from lavender.vlm.tiny import save_tiny
+
+    out = tmp_path / "pg"
+    save_tiny(*build_tiny_real_format("paligemma"), str(out))
+    # strip every copy of the template, as in a released folder
+    for name in os.listdir(out):
+        if name.endswith(".jinja") or name == "chat_template.json":
+            os.remove(out / name)
+        elif name.endswith(".json"):
+            cfg = json.loads((out / name).read_text())
+            if isinstance(cfg, dict) and "chat_template" in cfg:
+                del cfg["chat_template"]
+                (out / name).write_text(json.dumps(cfg))
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(str(out)).chat_template is None  # the released situation
+    model, proc, fam = load_vlm(str(out))
+    assert fam is FAM and proc.chat_template == PALIGEMMA_TEMPLATE == proc.tokenizer.chat_template
+    path = tmp_path / "x.png"
+    Image.new("RGB", (60, 40), (200, 10, 10)).save(path)
+    rec = Record(id="a", index=0, images=[str(path)],
+                 messages=[{"role": "user", "content": "<image>caption en"}, {"role": "assistant", "content": "A cat."}])
+    collator = LavenderCollator(proc, FAM, model.config)
+    batch = collator([rec])
+    assert not collator.skipped and (batch["labels"] != -100).any()
+    model.eval()
+    (answer,) = generate(model, proc, [(rec.messages[:1], [Image.open(path)])], max_new_tokens=2)
+    assert isinstance(answer, str)

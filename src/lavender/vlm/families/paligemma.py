@@ -19,8 +19,8 @@ trained token (the first assistant turn) and hands the processor ``text=`` the p
 (generation) is all prefix. ``tests/test_families.py`` checks on the model's own attention that no row
 before a label token sees it.
 
-Chat format: PaliGemma has no chat template. The one written here (:data:`PALIGEMMA_TEMPLATE`)
-renders exactly the processed text: ``<image>``× images, ``<bos>``, each user/system text followed
+Chat format: PaliGemma has no chat template. The one written here (:data:`PALIGEMMA_TEMPLATE`,
+attached by :meth:`PaliGemmaFamily.load_processor` to a processor saved without one) renders exactly the processed text: ``<image>``× images, ``<bos>``, each user/system text followed
 by ``\\n``, each answer followed by ``<eos>``. The prompt is used verbatim: for the released ``-mix``
 / ``-pt`` checkpoints write their task prefix (``answer en …``, ``caption en``) in the user message.
 
@@ -31,11 +31,14 @@ model is PaliGemma 1 (a Gemma text model).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from lavender.vlm.families._tokens import square_grids
 from lavender.vlm.families.base import Family, ImageGrid, image_token_id, register_family
+
+logger = logging.getLogger(__name__)
 
 # Images first (the released processor puts them before <bos>), then the turns: a prompt ends with
 # "\n" (the processor's end of prefix), an answer with EOS. No generation prompt: the prefix's "\n" is it.
@@ -96,6 +99,21 @@ class PaliGemmaFamily(Family):
                     raise ValueError(f"paligemma: the answer must end with {eos} (the processor adds it)")
                 suffixes.append(suffix[: -len(eos)])
         return processor(text=prefixes, images=images, suffix=suffixes if suffixes else None, **kwargs)
+
+    def load_processor(self, path: str, **kwargs: Any) -> Any:
+        """The saved processor; a released one has no chat template and gets :data:`PALIGEMMA_TEMPLATE`.
+
+        Released PaliGemma / PaliGemma 2 folders ship none, while the collator, ``attend`` and
+        ``generate`` render through ``processor.apply_chat_template``. A template the folder does
+        ship (a Lavender run folder saves the one attached here) is kept.
+        """
+        processor = super().load_processor(path, **kwargs)
+        if not getattr(processor, "chat_template", None):
+            logger.info("paligemma: %s has no chat template; using PALIGEMMA_TEMPLATE (the processor's "
+                        "prefix/suffix text)", path)
+            processor.chat_template = PALIGEMMA_TEMPLATE
+            processor.tokenizer.chat_template = PALIGEMMA_TEMPLATE
+        return processor
 
     def build_tiny(self, sizes: Any = None, tokenizer: Any = None, seed: int = 0) -> tuple[Any, Any]:
         """Tiny PaliGemma: SigLIP 56/14 → 4×4 = 16 image tokens (the released 224/14 → 16×16, scaled
