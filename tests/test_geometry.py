@@ -388,7 +388,9 @@ def _anyres_packed(arch: str, config, inputs, image_processor) -> list[np.ndarra
             if (single[i] or arch == "llava_next") else 1
         pv = inputs["pixel_values"][i, :n_views].numpy() * std + mean  # (views, 3, S, S) in [0, 1]
         v, _, s, _ = pv.shape
-        cells = pv.reshape(v, 3, s // patch, patch, s // patch, patch).transpose(0, 2, 4, 1, 3, 5)
+        k = s // patch
+        pv = pv[:, :, : k * patch, : k * patch]  # the patch conv reads k·patch px; it drops the last s % patch
+        cells = pv.reshape(v, 3, k, patch, k, patch).transpose(0, 2, 4, 1, 3, 5)
         # image pixels only: OneVision pads multi-image views with the mean colour (x ≈ 0.48·W), which
         # the resize blends into the border pixels; B > 0.95 keeps pixels that are ≥ 90 % image
         inside = cells[:, :, :, 2] > 0.95  # (v, r, c, p, p)
@@ -406,9 +408,11 @@ def _anyres_packed(arch: str, config, inputs, image_processor) -> list[np.ndarra
     return [p.numpy() for p in packed]
 
 
-def check_packed_grid(grid, feats: np.ndarray, rank: dict[int, int]) -> None:
+def check_packed_grid(grid, feats: np.ndarray, rank: dict[int, int], tol: float = TOL) -> float:
     """Every grid cell's placeholder holds an image feature (no newline; no base view when the model
-    kept a high-res grid) whose mean (x, y) is the cell's centre, from ``covers`` alone."""
+    kept a high-res grid) whose mean (x, y) is the cell's centre, from ``covers`` alone (within ``tol``
+    of a cell); returns the worst error, in cells."""
+    worst = 0.0
     assert len(rank) == feats.shape[0], "processor and model disagree on the number of image tokens"
     has_grid = ((feats[:, 3] == 0) & (feats[:, 4] == 0)).any()
     keys = grid.key_index.view(grid.rows, grid.cols)
@@ -419,9 +423,11 @@ def check_packed_grid(grid, feats: np.ndarray, rank: dict[int, int]) -> None:
             assert not (has_grid and is_base > 0), f"cell ({r}, {c}) is a base-view token"
             assert n > 0, f"cell ({r}, {c}) reads only padding"
             ex, ey, cw, ch = expected_centre(grid, r, c)
-            assert abs(sx / n - ex) < TOL * cw and abs(sy / n - ey) < TOL * ch, (
+            assert abs(sx / n - ex) < tol * cw and abs(sy / n - ey) < tol * ch, (
                 f"cell ({r}, {c}) of {grid.rows}x{grid.cols}: holds ({sx / n:.1f}, {sy / n:.1f}), expected "
-                f"({ex:.1f}, {ey:.1f}) ± ({TOL * cw:.1f}, {TOL * ch:.1f})")
+                f"({ex:.1f}, {ey:.1f}) ± ({tol * cw:.1f}, {tol * ch:.1f})")
+            worst = max(worst, abs(sx / n - ex) / cw, abs(sy / n - ey) / ch)
+    return worst
 
 
 # (size, expected grid): small (1 crop), wide/tall (1×3, 3×1), 2×3 and 3×3 crops shrunk by anyres_max_4,
@@ -449,6 +455,62 @@ def test_anyres_crops_unpadded_onto_one_grid(tiny_vlm, arch, size, shape):
     for grid in grids:
         check_packed_grid(grid, packed[grid.batch_index], rank_of(inputs["input_ids"][grid.batch_index],
                                                                   config.image_token_id))
+
+
+def _crop_not_a_multiple_of_the_patch(tiny_vlm, arch: str, crop: int = 30):
+    """The tiny model's family, processor and config with ``crop``-px crops over 7-px patches: 4 tokens
+    read 28 px of each crop and the conv drops the last ``crop - 28`` (released OneVision: SigLIP-384/14,
+    27 tokens over 378 px, 6 dropped)."""
+    fam, processor, config = load(tiny_vlm, arch)
+    scale = [[crop * p // config.vision_config.image_size for p in pp] for pp in config.image_grid_pinpoints]
+    config.vision_config.image_size = crop
+    config.image_grid_pinpoints = scale
+    ip = processor.image_processor
+    ip.image_grid_pinpoints = scale
+    if arch == "llava_next":
+        ip.size, ip.crop_size = {"shortest_edge": crop}, {"height": crop, "width": crop}
+    else:
+        ip.size = {"height": crop, "width": crop}
+    return fam, processor, config
+
+
+# worst centre error (cells) of a uniform grid whose crops are 30 px over 4 tokens of 7 px: measured 0.125
+# (the per-crop 2-px gap a uniform grid cannot hold); the crop-wide pitch the family used before: 0.25
+GAP_TOL = 0.15
+
+
+@pytest.mark.parametrize("arch,size", [(a, s) for a in ANYRES_CASES for s in
+                                       [(20, 24), (150, 40), (40, 170), (70, 40), (90, 100), (56, 56)]])
+def test_anyres_crop_not_a_multiple_of_the_patch(tiny_vlm, arch, size):
+    """The grid covers what the tokens read (4·7 px of each 30-px crop, the last 2 px dropped by the
+    patch conv), so the cell centres stay within ``GAP_TOL`` of a cell; also one multi-image view
+    (OneVision) and a thin image whose grid is the base view."""
+    fam, processor, config = _crop_not_a_multiple_of_the_patch(tiny_vlm, arch)
+    inputs = processor(images=[[index_image(*size)]], text=[chat(processor)], return_tensors="pt")
+    (grid,) = fam.image_grids(inputs, [[size]], config, processor)
+    packed = _anyres_packed(arch, config, inputs, processor.image_processor)
+    check_packed_grid(grid, packed[0], rank_of(inputs["input_ids"][0], config.image_token_id), GAP_TOL)
+
+
+@pytest.mark.parametrize("arch", list(ANYRES_CASES))
+def test_anyres_single_views_cover_only_what_the_tokens_read(tiny_vlm, arch):
+    """A one-view grid (OneVision's multi-image view; the base view of a very thin image) spans
+    28 of the view's 30 px: exact, no gap inside one view."""
+    fam, processor, config = _crop_not_a_multiple_of_the_patch(tiny_vlm, arch)
+    sizes = [[(60, 40), (36, 50)], [(320, 20)]]
+    inputs = processor(images=[[index_image(*s) for s in ss] for ss in sizes],
+                       text=[chat(processor, 2), chat(processor)], return_tensors="pt", padding=True)
+    grids = fam.image_grids(inputs, sizes, config, processor)
+    packed = _anyres_packed(arch, config, inputs, processor.image_processor)
+    ranks = [rank_of(inputs["input_ids"][b], config.image_token_id) for b in range(2)]
+    if arch == "llava_onevision":
+        assert [(g.rows, g.cols) for g in grids] == [(4, 4), (4, 4), (4, 4)]
+        assert grids[0].covers == pytest.approx((0.0, -10.0, 56.0, 46.0))
+        for j, grid in enumerate(grids[:2]):
+            rank = {k: n - 17 * j for k, n in ranks[0].items() if 17 * j <= n < 17 * j + 17}
+            assert check_packed_grid(grid, packed[j], rank, 0.1) < 0.1
+    assert grids[2].covers == pytest.approx((0.0, 0.0, 320 * 28 / 30, 20 * 28 / 30))
+    check_packed_grid(grids[2], packed[len(grids) - 1], ranks[1], 0.1)
 
 
 def test_onevision_multi_image_sample_is_one_padded_view_each(tiny_vlm):

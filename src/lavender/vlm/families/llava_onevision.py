@@ -34,6 +34,16 @@ frame pixels outside). OneVision records with SEVERAL images per sample are not 
 mean-colour) and resized to one view of ``s×s`` tokens plus one newline; that view is the grid and
 ``covers`` is the padded square. LLaVA-NeXT crops every image, one or several per sample.
 
+Crops that are not a multiple of the patch: released OneVision's SigLIP-384/14 gives ``s = 27`` tokens
+that read ``27·14 = 378`` px of each 384-px crop (the patch conv drops the last 6 px). The tokens are
+then not evenly spaced over the canvas (a 6-px gap at every crop seam), and ONE uniform grid cannot
+represent that gap: ``covers`` is the least-squares uniform fit of the tokens' centres
+(:func:`token_span`) — exact inside one view, and over several crops centred with a pitch near
+``crop/s``, off by at most about half the gap (released OneVision: ≤ 0.24 cell; the crop-wide pitch
+``crop/s`` alone was off by up to 0.43). A one-view grid (multi-image view, thin-image base view)
+covers the top-left ``s·patch/crop`` of its box (:func:`read_part`). When the crop is a multiple of the
+patch (every released LLaVA-NeXT: 336 = 24·14; the tiny models) the grid is exact and unchanged.
+
 A very thin image (300×20 on the tiny model, whose canvases are at most 12 tokens wide; beyond 162:1
 on the released OneVision, 6 crops × 27 tokens) can lose ALL its grid rows to the model's whole-
 token unpadding (it rounds the image's height in tokens down to 0 and cuts the padding around it):
@@ -70,17 +80,41 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
     return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
 
+def token_span(t0: int, t1: int, crop: int, side: int, patch: int) -> tuple[float, float]:
+    """Canvas pixels ``(start, end)`` spanned by a UNIFORM grid over tokens ``t0 … t1-1`` of one axis of
+    stitched crops, fitted to where the model's tokens read.
+
+    Token ``i`` reads the ``patch`` px at ``(i % side)·patch`` of crop ``i // side``: the patch conv
+    covers ``side·patch`` px of each crop and drops the last ``crop - side·patch`` (released OneVision,
+    SigLIP-384/14: 27 tokens over 378 of 384 px). When the crop is a multiple of the patch (every
+    released LLaVA-NeXT, the tiny models) that is exact: ``t·crop/side``. Otherwise the tokens'
+    centres are not evenly spaced (a gap at every crop seam), which no uniform grid holds: the span is
+    the least-squares line through the centres (one view: exact, pitch ``patch``; several crops: pitch
+    near ``crop/side``, centred, off by at most about half the gap).
+    """
+    if crop == side * patch or t1 <= t0:
+        return t0 * crop / side, t1 * crop / side
+    centres = [i // side * crop + (i % side + 0.5) * patch for i in range(t0, t1)]
+    n = t1 - t0
+    mid_i, mid_x = (t0 + t1 - 1) / 2, sum(centres) / n
+    var = sum((i - mid_i) ** 2 for i in range(t0, t1))
+    pitch = sum((i - mid_i) * (x - mid_x) for i, x in zip(range(t0, t1), centres)) / var if n > 1 else patch
+    return mid_x - pitch * n / 2, mid_x + pitch * n / 2
+
+
 def anyres_layout(width: int, height: int, pinpoints: Sequence[Sequence[int]], crop: int, side: int,
-                  max_crops: int | None) -> tuple[int, int, tuple[float, float, float, float]]:
+                  max_crops: int | None, patch: int | None = None) -> tuple[int, int, tuple[float, float, float, float]]:
     """``(rows, cols, covers)`` of the stitched, unpadded high-resolution token grid of one image.
 
     Args:
         width, height: the original image size.
         pinpoints: the processor's ``image_grid_pinpoints`` (``[height, width]`` each).
         crop: the crop side in pixels (the vision encoder's input side).
-        side: tokens per crop side (``crop / patch``).
+        side: tokens per crop side (``crop // patch``).
         max_crops: OneVision's ``anyres_max_N`` N (the grid is shrunk beyond ``N`` crops' worth of
             tokens); ``None`` for LLaVA-NeXT.
+        patch: the vision patch side; when ``crop`` is not a multiple of it the tokens read only
+            ``side·patch`` px of each crop (:func:`token_span`). ``None``: ``crop / side`` (exact crops).
     """
     from transformers.image_processing_utils import select_best_resolution
 
@@ -100,9 +134,13 @@ def anyres_layout(width: int, height: int, pinpoints: Sequence[Sequence[int]], c
     else:
         pad = (t_w - int(round(width * t_h / height, 7))) // 2
         c0, c1 = pad, t_w - pad
-    px, py = best_w / t_w, best_h / t_h  # canvas pixels per token
-    covers = ((c0 * px - paste_x) * width / new_w, (r0 * py - paste_y) * height / new_h,
-              (c1 * px - paste_x) * width / new_w, (r1 * py - paste_y) * height / new_h)
+    if patch is None or crop == side * patch:
+        px, py = best_w / t_w, best_h / t_h  # canvas pixels per token
+        x0, x1, y0, y1 = c0 * px, c1 * px, r0 * py, r1 * py
+    else:  # the tokens read side·patch px of each crop: the grid fitted to them
+        (x0, x1), (y0, y1) = token_span(c0, c1, crop, side, patch), token_span(r0, r1, crop, side, patch)
+    covers = ((x0 - paste_x) * width / new_w, (y0 - paste_y) * height / new_h,
+              (x1 - paste_x) * width / new_w, (y1 - paste_y) * height / new_h)
     rows, cols = r1 - r0, c1 - c0
     if max_crops is not None:
         ratio = math.sqrt(rows * cols / (max_crops * side * side))
@@ -122,6 +160,17 @@ def padded_square_box(width: int, height: int) -> tuple[float, float, float, flo
     return float(-start), 0.0, float(side - start), float(height)
 
 
+def read_part(box: tuple[float, float, float, float], crop: int, side: int,
+              patch: int | None) -> tuple[float, float, float, float]:
+    """The part of ``box`` (squashed into one ``crop``-px view) that the view's tokens read: its top-left
+    ``side·patch / crop`` (the patch conv drops the rest); ``box`` itself when the crop is exact."""
+    if patch is None or crop == side * patch:
+        return box
+    x0, y0, x1, y1 = box
+    f = side * patch / crop
+    return x0, y0, x0 + (x1 - x0) * f, y0 + (y1 - y0) * f
+
+
 @register_family
 class LlavaOnevisionFamily(Family):
     name = "llava_onevision"
@@ -134,8 +183,8 @@ class LlavaOnevisionFamily(Family):
     #: OneVision does not crop images of multi-image samples; LLaVA-NeXT crops every image
     multi_image_unsplit = True
 
-    def _settings(self, config: Any, processor: Any) -> tuple[list, int, int, int | None]:
-        """``(pinpoints, crop, side, max_crops)`` from the processor (what made the tokens),
+    def _settings(self, config: Any, processor: Any) -> tuple[list, int, int, int | None, int]:
+        """``(pinpoints, crop, side, max_crops, patch)`` from the processor (what made the tokens),
         else from the config (the same values in every released checkpoint)."""
         vision = _get(config, "vision_config")
         crop, patch = int(_get(vision, "image_size")), int(_get(vision, "patch_size"))
@@ -147,12 +196,12 @@ class LlavaOnevisionFamily(Family):
             crop = int((ip.crop_size or {}).get("height") or ip.size.get("height") or ip.size["shortest_edge"])
             aspect = getattr(processor, "vision_aspect_ratio", aspect)
         max_crops = int(aspect.removeprefix("anyres_max_")) if self.shrinks_grid else None
-        return [list(p) for p in pinpoints], crop, crop // patch, max_crops
+        return [list(p) for p in pinpoints], crop, crop // patch, max_crops, patch
 
     def image_grids(self, inputs: Any, image_sizes: Sequence[Sequence[tuple[int, int]]],
                     config: Any = None, processor: Any = None) -> list[ImageGrid]:
         token = image_token_id(config)
-        pinpoints, crop, side, max_crops = self._settings(config, processor)
+        pinpoints, crop, side, max_crops, patch = self._settings(config, processor)
         base = side * side
         # the processor's per-sample image counts decide cropping (they skip samples without images;
         # a flat image list counts 1 per image); without them, the images given per sample
@@ -162,8 +211,9 @@ class LlavaOnevisionFamily(Family):
         for sizes in image_sizes:
             n = (next(nums, len(sizes)) if nums is not None else len(sizes)) if sizes else 0
             unsplit = self.multi_image_unsplit and n != 1
-            layouts.append([(side, side, padded_square_box(int(w), int(h)), False) if unsplit
-                            else (*anyres_layout(int(w), int(h), pinpoints, crop, side, max_crops), True)
+            layouts.append([(side, side, read_part(padded_square_box(int(w), int(h)), crop, side, patch), False)
+                            if unsplit
+                            else (*anyres_layout(int(w), int(h), pinpoints, crop, side, max_crops, patch), True)
                             for w, h in sizes])
         counts = [[base + r * (c + 1) if cropped else base + 1 for r, c, _, cropped in s] for s in layouts]
         try:
@@ -178,7 +228,8 @@ class LlavaOnevisionFamily(Family):
                 if cropped and rows * cols > 0:  # base view first (dropped), then grid rows, each + newline
                     key = pos[base:].view(rows, cols + 1)[:, :cols].reshape(-1)
                 elif cropped:  # unpadding left no grid (a very thin image): the base view, squashed
-                    key, rows, cols, covers = pos[:base], side, side, (0.0, 0.0, float(w), float(h))
+                    key, rows, cols = pos[:base], side, side
+                    covers = read_part((0.0, 0.0, float(w), float(h)), crop, side, patch)
                 else:  # one view, then one newline
                     key = pos[:base]
                 grids.append(ImageGrid(b, key, rows, cols, covers, (int(w), int(h))))
