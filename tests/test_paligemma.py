@@ -216,3 +216,51 @@ def test_a_released_processor_without_chat_template_gets_the_family_template(tmp
     model.eval()
     (answer,) = generate(model, proc, [(rec.messages[:1], [Image.open(path)])], max_new_tokens=2)
     assert isinstance(answer, str)
+
+
+def test_records_the_prefix_lm_cannot_take_are_skipped_one_by_one(tiny, records) -> None:
+    """A record without an answer, without an image, or whose answer would sit in the prefix is skipped
+    with a one-line reason (counted in ``collator.skipped``); the rest of the batch trains. A trailing
+    user turn (after the last answer) is cut: it holds no label, and being causal after every label it
+    changes nothing the loss sees — the record trains exactly as without it."""
+    model, proc = tiny
+    proc.tokenizer.padding_side = "right"
+    image = records[0].images[0]
+
+    def rec(name, turns, n_images=1):
+        return Record(id=name, index=0, images=[image] * n_images,
+                      messages=[{"role": r, "content": c} for r, c in turns])
+
+    good = rec("good", [("user", "<image>What?"), ("assistant", "Red.")])
+    trailing = rec("trailing", [("user", "<image>What?"), ("assistant", "Red."), ("user", "And?")])
+    bad = [rec("no_answer", [("user", "<image>What?")]),
+           rec("no_image", [("user", "What colour?"), ("assistant", "Red.")], 0),
+           rec("answer_first", [("assistant", "Red."), ("user", "<image>What?"), ("assistant", "Blue.")]),
+           rec("image_after_answer", [("user", "<image>What?"), ("assistant", "Red."), ("user", "<image>And?")], 2)]
+    collator = LavenderCollator(proc, FAM, model.config)
+    batch = collator([good, *bad, trailing])
+    assert [i for i, _ in collator.skipped] == [r.id for r in bad]
+    assert all("\n" not in why and why.startswith("paligemma:") for _, why in collator.skipped)
+    reasons = dict(collator.skipped)
+    assert "no answer" in reasons["no_answer"] and "no image" in reasons["no_image"]
+    assert "prompt must be" in reasons["answer_first"] and "after the last answer" in reasons["image_after_answer"]
+    assert batch["input_ids"].shape[0] == 2
+    alone = LavenderCollator(proc, FAM, model.config)([good])
+    n = alone["input_ids"].shape[1]
+    for key in ("input_ids", "labels", "token_type_ids", "attention_mask"):
+        assert torch.equal(batch[key][1, :n], alone[key][0]) and torch.equal(batch[key][0, :n], alone[key][0])
+    with pytest.raises(ValueError, match="every record of this batch is unusable"):
+        LavenderCollator(proc, FAM, model.config)(bad)
+
+
+def test_encode_and_generate_refuse_a_sample_without_an_image(tiny) -> None:
+    """PaliGemma's processor puts a text-only sample's <bos> inside the prompt, silently; refused."""
+    from lavender.generation import generate
+
+    model, proc = tiny
+    image = Image.new("RGB", (30, 20))
+    with pytest.raises(ValueError, match="paligemma: sample 1 has no image"):
+        FAM.encode(proc, ["<image><bos>What?\n", "<bos>What colour?\n"], [[image], []], return_tensors="pt",
+                   padding=True)
+    with pytest.raises(ValueError, match="has no image"):
+        generate(model, proc, [([{"role": "user", "content": "What colour?"}], [])], max_new_tokens=1)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from jinja2.exceptions import TemplateError
 
-from lavender.chat import Layout, adds_special_tokens, label_positions, labels_for_batch, layout
+from lavender.chat import Layout, adds_special_tokens, label_positions, labels_for_batch
 from lavender.config import AlignmentConfig
 from lavender.records import Record, load_image
 from lavender.vlm.aggregate import keys_from_grids
@@ -101,7 +101,8 @@ class LavenderCollator:
             try:
                 # the template too: a released one may refuse a record (Llama-3.2-Vision raises for a
                 # system message together with images); that record is skipped, not the run
-                lay = layout(self.processor, rec.messages)
+                # and the family's own checks (PaliGemma: an image and an answer per record)
+                lay = self.family.record_layout(self.processor, rec.messages, len(rec.images))
                 images.append([load_image(p) for p in rec.images])
                 layouts.append(lay)
                 kept.append(rec)

@@ -122,6 +122,19 @@ class Family(ABC):
         """
         return processor(text=list(texts), images=images, **kwargs)
 
+    def record_layout(self, processor: Any, messages: Sequence[dict[str, Any]], n_images: int) -> Any:
+        """The :class:`lavender.chat.Layout` of one training record (the collator's per-record step).
+
+        Raises ``ValueError`` (one line) for a record this family cannot encode: the collator skips
+        that record with the reason and keeps the rest of the batch. The default renders the
+        messages as they are; a family whose :meth:`encode` needs more of each sample (PaliGemma's
+        prefix-LM) checks it here, where a bad record is skipped, not in :meth:`encode`, where it
+        fails the whole batch.
+        """
+        from lavender.chat import layout
+
+        return layout(processor, messages)
+
     def load_processor(self, path: str, **kwargs: Any) -> Any:
         """The processor saved with a model (families that need more than ``AutoProcessor`` override)."""
         from transformers import AutoProcessor

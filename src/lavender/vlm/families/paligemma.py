@@ -19,9 +19,16 @@ trained token (the first assistant turn) and hands the processor ``text=`` the p
 (generation) is all prefix. ``tests/test_families.py`` checks on the model's own attention that no row
 before a label token sees it.
 
+Per record (:meth:`PaliGemmaFamily.record_layout`, where the collator skips a bad record with a
+one-line reason instead of failing the batch in :meth:`PaliGemmaFamily.encode`): an image, an answer,
+a prompt before it; turns after the last answer are CUT (no label, causal after every label: nothing a
+label row sees changes), or the record refused when such a turn holds an image. ``encode`` refuses a
+sample without an image (``lavender generate`` too): the processor would write ``<bos>`` inside it.
+
 Chat format: PaliGemma has no chat template. The one written here (:data:`PALIGEMMA_TEMPLATE`,
-attached by :meth:`PaliGemmaFamily.load_processor` to a processor saved without one) renders exactly the processed text: ``<image>``× images, ``<bos>``, each user/system text followed
-by ``\\n``, each answer followed by ``<eos>``. The prompt is used verbatim: for the released ``-mix``
+attached by :meth:`PaliGemmaFamily.load_processor` to a processor saved without one) renders
+exactly the processed text: ``<image>``× images, ``<bos>``, each user/system text followed by
+``\\n``, each answer followed by ``<eos>``. The prompt is used verbatim: for the released ``-mix``
 / ``-pt`` checkpoints write their task prefix (``answer en …``, ``caption en``) in the user message.
 
 PaliGemma 2's Gemma-2 text model soft-caps attention logits (50) in its eager path; the SDPA path
@@ -39,6 +46,13 @@ from lavender.vlm.families._tokens import square_grids
 from lavender.vlm.families.base import Family, ImageGrid, image_token_id, register_family
 
 logger = logging.getLogger(__name__)
+
+
+def _has_image(message: dict[str, Any]) -> bool:
+    content = message["content"]
+    if isinstance(content, str):
+        return "<image>" in content
+    return any(c.get("type") == "image" for c in content)
 
 # Images first (the released processor puts them before <bos>), then the turns: a prompt ends with
 # "\n" (the processor's end of prefix), an answer with EOS. No generation prompt: the prefix's "\n" is it.
@@ -69,35 +83,75 @@ class PaliGemmaFamily(Family):
         return square_grids(inputs["input_ids"], image_sizes, token, side,
                             lambda w, h: (0.0, 0.0, float(w), float(h)))
 
+    def record_layout(self, processor: Any, messages: Sequence[dict[str, Any]], n_images: int) -> Any:
+        """A training record's layout, or a one-line ``ValueError`` the collator skips the record with.
+
+        PaliGemma's processor takes every sample as images + prompt (the prefix) + answer (the suffix,
+        for every sample of a batch or for none), so per record: at least one image (a text-only sample
+        gets ``<bos>`` inserted mid-prompt), at least one answer (an unanswered record trains nothing
+        and would fail the batch), and a prompt before the first answer. Turns AFTER the last answer
+        (a trailing user turn) are cut: they hold no label, and the suffix being causal they change
+        nothing any label row sees, so the record trains exactly as without them (with
+        ``align_on: all`` their words are not aligned). A trailing turn holding an image is refused
+        instead (its image would have to be dropped from the record's images).
+        """
+        from lavender.chat import layout
+
+        msgs = list(messages)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError("paligemma: no answer (assistant turn): PaliGemma trains its answer, the "
+                             "causal suffix, and a batch takes a suffix for every sample or for none")
+        while msgs[-1]["role"] != "assistant":
+            if _has_image(msgs.pop()):
+                raise ValueError("paligemma: an image in a turn after the last answer (the record must end "
+                                 "with an answer; turns after it are cut, their images cannot be)")
+        if n_images == 0:
+            raise ValueError("paligemma: no image (PaliGemma's processor needs one per sample)")
+        lay = layout(processor, msgs)
+        self._split(processor, lay.text, lay.label_spans[0][0] if lay.label_spans else len(lay.text), 0)
+        return lay
+
+    @staticmethod
+    def _split(processor: Any, text: str, start: int | None, b: int) -> tuple[str, str | None]:
+        """``(text=, suffix=)`` of one rendered sample for the processor; a one-line ``ValueError`` else."""
+        tok = processor.tokenizer
+        bos, eos, image = tok.bos_token, tok.eos_token, processor.image_token
+        prefix, suffix = (text, None) if start is None else (text[:start], text[start:])
+        n = 0
+        while prefix.startswith(image, n):
+            n += len(image)
+        if n == 0:
+            raise ValueError(f"paligemma: sample {b} has no image ({image} first): PaliGemma's processor needs "
+                             f"one per sample (without, it writes {bos} inside the prompt)")
+        head, body = prefix[:n], prefix[n:]
+        if not body.startswith(bos) or not body.endswith("\n"):
+            raise ValueError(f"paligemma: the prompt must be images, {bos}, text and a newline (the "
+                             f"processor's prefix); got {prefix[:80]!r}… — render with PALIGEMMA_TEMPLATE")
+        if suffix is not None and not suffix.endswith(eos):
+            raise ValueError(f"paligemma: the answer must end with {eos} (the processor adds it): "
+                             "the record must end with an answer")
+        return head + body[len(bos):-1], None if suffix is None else suffix[: -len(eos)]
+
     def encode(self, processor: Any, texts: Sequence[str], images: Any,
                answer_starts: Sequence[int | None] | None = None, **kwargs: Any) -> Any:
         """The processor's prefix/suffix call for texts rendered with :data:`PALIGEMMA_TEMPLATE`.
 
         ``texts[b][:answer_starts[b]]`` (images, ``<bos>``, prompt, ``\\n``) becomes ``text=`` without
         the ``<bos>`` and ``\\n`` the processor writes itself; the rest, without its final EOS (also the
-        processor's), becomes ``suffix=``, so its tokens get ``token_type_ids`` 1 (causal).
+        processor's), becomes ``suffix=``, so its tokens get ``token_type_ids`` 1 (causal). A sample
+        without an image is refused (``lavender generate`` included): the processor would silently
+        write its ``<bos>`` inside the prompt.
         """
-        tok = processor.tokenizer
-        bos, eos, image = tok.bos_token, tok.eos_token, processor.image_token
         starts = list(answer_starts) if answer_starts is not None else [None] * len(texts)
         if len({s is None for s in starts}) > 1:
             raise ValueError("paligemma: a batch mixes prompts with and without answers; the processor "
                              "takes a suffix for every sample or for none")
         prefixes, suffixes = [], []
-        for text, start in zip(texts, starts):
-            prefix, suffix = (text, None) if start is None else (text[:start], text[start:])
-            n = 0
-            while prefix.startswith(image, n):
-                n += len(image)
-            head, body = prefix[:n], prefix[n:]
-            if not body.startswith(bos) or not body.endswith("\n"):
-                raise ValueError(f"paligemma: the prompt must be images, {bos}, text and a newline (the "
-                                 f"processor's prefix); got {prefix[:80]!r}… — render with PALIGEMMA_TEMPLATE")
-            prefixes.append(head + body[len(bos):-1])
+        for b, (text, start) in enumerate(zip(texts, starts)):
+            prefix, suffix = self._split(processor, text, start, b)
+            prefixes.append(prefix)
             if suffix is not None:
-                if not suffix.endswith(eos):
-                    raise ValueError(f"paligemma: the answer must end with {eos} (the processor adds it)")
-                suffixes.append(suffix[: -len(eos)])
+                suffixes.append(suffix)
         return processor(text=prefixes, images=images, suffix=suffixes if suffixes else None, **kwargs)
 
     def load_processor(self, path: str, **kwargs: Any) -> Any:
