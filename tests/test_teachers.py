@@ -294,13 +294,21 @@ def test_sd3_extracts_end_to_end(tmp_path, capsys, recipe, extra, evals):
 @pytest.mark.parametrize("flags,needle", [(["--recipe", "nulltext"], "nulltext is not defined for "
                                            "StableDiffusion3Pipeline"),
                                           (["--layers", "down_blocks.0"], "match no joint attention block"),
-                                          (["--resolutions", "16", "32"], "not in this StableDiffusion3Pipeline")])
+                                          (["--resolutions", "16", "32"], "not in this StableDiffusion3Pipeline"),
+                                          (["--recipe", "noise", "--timesteps", "1000"], "give values in 0..999")])
 def test_sd3_refusals_are_one_line(tmp_path, capsys, flags, needle):
+    """A real run and ``--dry-run`` refuse the same choices (recipe, resolutions, modules, timesteps), with
+    the same line and exit code: the dry run never estimates a run that would be refused."""
     data = write_images_and_records(tmp_path / "data", 1)
-    assert main(["extract", "--dm", tiny("sd3"), "--data", str(data), "--out", str(tmp_path / "o"), *FAST,
-                 *flags]) != 0
-    err = capsys.readouterr().err
-    assert needle in err and "Traceback" not in err
+    seen = []
+    for dry in ([], ["--dry-run"]):
+        rc = main(["extract", "--dm", tiny("sd3"), "--data", str(data), "--out", str(tmp_path / "o"), *FAST,
+                   *flags, *dry])
+        out, err = capsys.readouterr()
+        (line,) = [s for s in err.splitlines() if s.startswith("lavender extract: error:")]
+        assert rc != 0 and needle in line and "Traceback" not in err and "dry" not in out, dry
+        seen.append((rc, line))
+    assert seen[0] == seen[1]
 
 
 def test_flow_recipes_follow_the_flow_ode(sd3, monkeypatch):

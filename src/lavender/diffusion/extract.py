@@ -412,12 +412,16 @@ def evals_per_image(cfg: ExtractConfig) -> float:
 def dry_run(cfg: ExtractConfig, device: str, mine_ok: list[Record], bad: list) -> dict:
     """What ``extract`` would do, without writing: records still to do (after resume, fingerprints
     checked), evaluations per image, and a time estimate from one timed batch of UNet calls on
-    ``device`` (VAE encode included; capture, word merging and I/O not)."""
+    ``device`` (VAE encode included; capture, word merging and I/O not).
+
+    The teacher is set up as a real run sets it up (:class:`Extractor`: recipe, resolutions, modules
+    and timesteps checked, capture installed but idle), so a choice a real run refuses is refused
+    here with the same line, never estimated."""
     import json as _json
 
     out = Path(cfg.out)
     todo, _ = records_to_do(mine_ok, stored_fingerprints(out), cfg.qa_text)
-    dm = load_teacher(cfg.dm, device, DTYPES[cfg.dtype])
+    dm = Extractor(cfg, device).dm
     n = min(cfg.batch_size, max(1, len(todo)))
     pixels = torch.zeros(n, 3, dm.image_size, dm.image_size, device=dm.device)
     with torch.inference_mode():
