@@ -264,3 +264,25 @@ def test_encode_and_generate_refuse_a_sample_without_an_image(tiny) -> None:
                    padding=True)
     with pytest.raises(ValueError, match="has no image"):
         generate(model, proc, [([{"role": "user", "content": "What colour?"}], [])], max_new_tokens=1)
+
+
+def test_soft_capping_the_capture_ignores_is_warned_once(caplog, monkeypatch) -> None:
+    """PaliGemma 2's Gemma-2 text config sets ``attn_logit_softcapping`` (50), applied by transformers in eager
+    attention only; the capture backend (SDPA outputs, captured maps) does not: one warning names it."""
+    import logging
+
+    from lavender.vlm import backend
+    from lavender.vlm.backend import disable_capture, enable_capture
+
+    monkeypatch.setattr(backend, "_WARNED", set(), raising=False)
+    model, _ = FAM.build_tiny()
+    with caplog.at_level(logging.WARNING, logger="lavender.vlm.backend"):
+        disable_capture(model, FAM, "sdpa")
+        enable_capture(model, FAM)  # PaliGemma 1 (Gemma): nothing to say
+        assert not caplog.records
+        model.config.text_config.attn_logit_softcapping = 50.0
+        enable_capture(model, FAM)
+        enable_capture(model, FAM)
+    (record,) = caplog.records
+    assert "attn_logit_softcapping=50.0" in record.getMessage() and "eager" in record.getMessage()
+    disable_capture(model, FAM)

@@ -34,6 +34,7 @@ Typical use (the trainer)::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -45,6 +46,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 BACKEND_NAME = "lavender"
+
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # one-time warnings already given in this process
 
 #: ``projector(module, query, key) -> (query, key)``: replaces the q/k the probabilities are computed
 #: from (the ``learn`` aggregation's parallel projections); the model's output never sees it.
@@ -244,6 +248,7 @@ def enable_capture(model: nn.Module, family: Any, layers: Sequence[int] | None =
     """
     register_backend()
     base = _base_model(model)
+    _warn_softcapping(base, family)
     base.set_attn_implementation({family.text_config_name(): BACKEND_NAME})
     modules = family.attention_modules(base)
     chosen = list(family.default_layers(base) if layers is None else layers)
@@ -252,6 +257,20 @@ def enable_capture(model: nn.Module, family: Any, layers: Sequence[int] | None =
         raise ValueError(f"layers {missing} are not watchable attention layers of this {family.name} model; "
                          f"choose among {sorted(modules)}")
     return attach_capture(modules, causal=not family.cross_attention, projector=projector)
+
+
+def _warn_softcapping(base: nn.Module, family: Any) -> None:
+    """Warn once when the text config soft-caps attention logits (PaliGemma 2's Gemma-2: 50): transformers
+    applies ``attn_logit_softcapping`` in eager attention only, and this backend (SDPA outputs, captured
+    maps) does not, so Lavender trains and reads the uncapped attention."""
+    config = getattr(base, "config", None)
+    text = getattr(config, family.text_config_name(), None) or config
+    cap = getattr(text, "attn_logit_softcapping", None)
+    if cap is not None and "softcap" not in _WARNED:
+        _WARNED.add("softcap")
+        logger.warning("%s: the text config sets attn_logit_softcapping=%s, which transformers applies in eager "
+                       "attention only; the capture backend (SDPA outputs and captured maps) does not soft-cap, so "
+                       "training and the maps use the uncapped attention", family.name, cap)
 
 
 def attach_capture(modules: dict[int, nn.Module], causal: bool = True,

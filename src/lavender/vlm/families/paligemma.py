@@ -32,8 +32,9 @@ exactly the processed text: ``<image>``× images, ``<bos>``, each user/system te
 / ``-pt`` checkpoints write their task prefix (``answer en …``, ``caption en``) in the user message.
 
 PaliGemma 2's Gemma-2 text model soft-caps attention logits (50) in its eager path; the SDPA path
-it trains with does not, and neither does the capture (its maps are the SDPA model's). The tiny
-model is PaliGemma 1 (a Gemma text model).
+it trains with does not, and neither does the capture (its maps are the SDPA model's);
+:func:`lavender.vlm.backend.enable_capture` warns once when ``attn_logit_softcapping`` is set. The
+tiny model is PaliGemma 1 (a Gemma text model).
 """
 
 from __future__ import annotations
