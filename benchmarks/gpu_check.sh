@@ -36,6 +36,10 @@ run train20 benchmarks/train_step.py --device cuda --dtype bfloat16 --layers 20 
 # capture cost at Mllama and LLaVA widths
 run capture benchmarks/vlm_capture.py --device cuda --dtype bfloat16 --mllama-layers 5 --llava-layers 5 \
     > "$T/capture.txt"
+# last (it may be cut by its timeout without costing the figures above): the new teachers at real size,
+# one-pass noise recipe, fp16 (random weights built on the machine; Flux-dev's 12 B are too slow to build here)
+run teachers benchmarks/teacher_speed.py --architecture sdxl-base sd3-medium --device cuda --dtype float16 \
+    --images 16 --batch-size 8 --recipes noise --json "$T/teachers.json"
 python3 - "$T" "$OUTDIR/gpu_check.json" <<'PY'
 import json, pathlib, sys, time, torch
 parts, out = pathlib.Path(sys.argv[1]), sys.argv[2]
