@@ -209,7 +209,7 @@ def main() -> None:
         results: dict[str, list[dict]] = {arm: [] for arm in a.arms}
         seeds = [seed for seed in a.seeds if not a.no_train or all(
             (out / a.arch / f"{a.name}n{size}" / arm / f"seed{seed}" / "result.json").exists() for arm in a.arms)]
-        if len(seeds) < 2:
+        if len(seeds) < 2 and a.no_train:
             log(f"size {size}: fewer than 2 complete seeds cached; skipped")
             continue
         for seed in seeds:
@@ -221,6 +221,9 @@ def main() -> None:
                     attention=attention, evals=evals,
                     out=out / a.arch / f"{a.name}n{size}" / arm / f"seed{seed}", recipe=base,
                     probe=(paths["shift-val"], attn["shift-val"]), log=log))
+        if len(seeds) < 2:  # one seed trains and is cached; paired intervals need two
+            log(f"size {size}: one seed, no summary")
+            continue
         majority = {s: majority_accuracy(train, paths[s])[1] for s in tests}
         s = summarise(results, tests, majority, seeds) if "ar" in results else {}
         s["train_accuracy"] = {arm: sum(r["train"] for r in rs) / len(rs) for arm, rs in results.items()}
