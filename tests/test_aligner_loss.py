@@ -83,3 +83,38 @@ def test_minmax_torch_and_numpy_agree_and_eps_zero_is_exact() -> None:
     assert float(minmax(x, eps=0.0)[0].max()) == pytest.approx(1.0)
     assert float(minmax(x)[0].max()) < 1.0  # clamped at 1e-8
     assert minmax_np(x.numpy())[1].max() == 0.0
+
+
+@pytest.mark.parametrize("variant,norm", [("sim", "instance"), ("deep", "instance"), ("sim", "batch")])
+def test_recomputed_aligner_gives_identical_numbers_and_keeps_less(variant: str, norm: str) -> None:
+    """``apply_aligner`` recomputes the Aligner in backward: the output, the input's gradient and the
+    weights' gradients are bit-identical to a plain call, while autograd keeps fewer bytes; BatchNorm is
+    not recomputed (its running statistics must update once)."""
+    from lavender.aligner import apply_aligner
+
+    torch.manual_seed(0)
+    maps = torch.rand(12, 8, 32, 32)
+    results, kept = [], []
+    for recompute in (False, True):
+        torch.manual_seed(1)
+        aligner = Aligner(8, variant, norm=norm)
+        x = maps.clone().requires_grad_(True)
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = apply_aligner(aligner, x) if recompute else aligner(x)
+        (y * torch.linspace(0, 1, 32 * 32).view(32, 32)).sum().backward()
+        results.append((y.detach(), x.grad, [p.grad for p in aligner.parameters()], aligner.state_dict()))
+        kept.append(sum(saved))
+    (y0, gx0, gp0, sd0), (y1, gx1, gp1, sd1) = results
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    assert all(torch.equal(a, b) for a, b in zip(gp0, gp1))
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)  # BatchNorm's running stats: updated once
+    if norm == "batch":
+        assert kept[1] == kept[0]
+    else:
+        assert kept[1] < kept[0] / 4, kept

@@ -77,3 +77,22 @@ class Aligner(nn.Module):
             return x.new_zeros(0, *x.shape[-2:]) + 0.0 * self.net[-1].weight.sum()
         y = self.net(x.to(self.net[0].weight.dtype)).squeeze(1)  # (N, H, W)
         return minmax(y) if self.out_norm == "minmax" else y
+
+
+def apply_aligner(aligner: Aligner, maps: torch.Tensor) -> torch.Tensor:
+    """``aligner(maps)``, recomputed in backward instead of keeping its activations.
+
+    Why: each hidden layer keeps ``N × hidden × 32 × 32`` floats for backward per conv, norm and
+    activation — about 1.3 MiB per aligned word for ``sim``, most of Lavender's extra training memory
+    on long records (benchmarks/train_step.py at 1,000 words). Recomputing the few small convolutions
+    costs one more Aligner forward and gives the same numbers (a deterministic forward run twice on
+    the same input). Not done for ``identity`` (nothing kept), outside autograd, or with BatchNorm,
+    whose running statistics would be updated twice.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if (aligner.net is None or not torch.is_grad_enabled() or maps.shape[0] == 0
+            or any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in aligner.modules())):
+        return aligner(maps)
+    return checkpoint(aligner, maps, use_reentrant=False)
+

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from lavender.aligner import apply_aligner
 from lavender.config import (
     LAMBDA_SCHEDULES,
     RUN_FORMAT_VERSION,
@@ -251,7 +252,7 @@ class LavenderTrainer(Trainer):
         kind = self.args.att_loss
         if kind == "mass":
             return mass_loss(raw, grid_mass, target, self.args.mass_threshold).to(device)
-        pred = self.head.aligner(maps)  # (N, S, S)
+        pred = apply_aligner(self.head.aligner, maps)  # (N, S, S); recomputed in backward (memory)
         if kind == "kl":
             prob = raw if self.args.aligner == "identity" else softmax_map(pred)
             return kl_loss(prob, target).to(device)
