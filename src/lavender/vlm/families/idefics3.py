@@ -10,8 +10,10 @@ the vision encoder's input size) and cuts ``rows × cols`` crops row-major, plus
 (the whole image squashed to ``M × M``). Each view becomes ``k × k`` tokens after the pixel
 shuffle (``k = M / patch / scale_factor``; Idefics3: 13), row-major. We stitch the crops into one
 ``(rows·k) × (cols·k)`` grid covering the whole image; the global view is NOT part of the grid
-(its tokens are a second, coarser copy of the image). An image no larger than ``M`` is not split:
-its grid is the single global view.
+(its tokens are a second, coarser copy of the image). Every image is first resized so its long
+side is ``size.longest_edge`` (4·M with the released settings, small images scaled UP), so with
+those settings every image is split; only when that resize leaves both sides ≤ ``M`` (a
+``longest_edge`` ≤ M, or splitting turned off) is the grid the single global view.
 
 ``rows``/``cols`` are recomputed from the original image size with the processor's own resize
 rules (the processor drops them from its output), then checked against the number of image
