@@ -167,6 +167,42 @@ def test_llava_centre_crop(tiny_vlm, size):
     check_grid(grid, patch_of_key, processor.image_processor)
 
 
+@pytest.mark.parametrize("size", [(100, 40), (40, 100), (61, 30)])
+def test_llava_padded_square(tiny_vlm, size):
+    """``LlavaImageProcessor(do_pad=True)`` (the original LLaVA-1.5 recipe) pads to a centred square
+    first: the grid covers that square; cells wholly in the padding read only padding, the others
+    read their own region of the image."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    fam, processor, config = load(tiny_vlm, "llava")
+    ip = processor.image_processor
+    processor.image_processor = LlavaImageProcessorPil(
+        do_pad=True, size={"shortest_edge": ip.crop_size["height"]}, crop_size=dict(ip.crop_size),
+        image_mean=ip.image_mean, image_std=ip.image_std)
+    width, height = size
+    inputs = processor(images=[index_image(width, height)], text=[chat(processor)], return_tensors="pt")
+    (grid,) = fam.image_grids(inputs, [[size]], config, processor)
+    x0, y0, x1, y1 = grid.covers
+    assert x1 - x0 == y1 - y0 == max(size) and (x0 < 0 or y0 < 0)
+    rank = rank_of(inputs["input_ids"][0], config.image_token_id)
+    pv = inputs["pixel_values"][0].numpy()
+    keys = grid.key_index.view(grid.rows, grid.cols)
+    padding_only = 0
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            pr, pc = divmod(rank[int(keys[r, c])], 4)
+            got = decode(pv[:, pr * 14:(pr + 1) * 14, pc * 14:(pc + 1) * 14], processor.image_processor, width, height)
+            ex, ey, cw, ch = expected_centre(grid, r, c)
+            inside_x = min(x0 + (c + 1) * cw, width) - max(x0 + c * cw, 0)
+            inside_y = min(y0 + (r + 1) * ch, height) - max(y0 + r * ch, 0)
+            if inside_x <= 0 or inside_y <= 0:
+                assert got is None, (r, c, got)
+                padding_only += 1
+            elif inside_x >= cw / 2 and inside_y >= ch / 2:  # a sliver of image is blurred by the resize
+                assert got is not None and abs(got[0] - ex) < TOL * cw and abs(got[1] - ey) < TOL * ch, (r, c, got, ex, ey)
+    assert padding_only > 0
+
+
 @pytest.mark.parametrize("size", [(150, 60), (60, 170)])
 def test_qwen2_vl_non_square(tiny_vlm, size):
     fam, processor, config = load(tiny_vlm, "qwen2_vl")

@@ -10,7 +10,9 @@ over the patch grid. CLIP's processor resizes the SHORTEST edge to the crop size
 square: the grid covers only the central square of the original image, which ``covers`` states
 (exact when ``size.shortest_edge == crop_size == vision_config.image_size``, as in every LLaVA-1.5
 checkpoint). A squash or pad frame on a non-square image therefore has regions the grid never saw;
-:func:`lavender.vlm.grid.to_frame` leaves them 0.
+:func:`lavender.vlm.grid.to_frame` leaves them 0. A ``LlavaImageProcessor`` with ``do_pad=True``
+(the original LLaVA-1.5 recipe, "image_aspect_ratio: pad") first pads the image to a centred square:
+the grid then covers that square, padding included (``covers`` extends past the image).
 """
 
 from __future__ import annotations
@@ -41,6 +43,17 @@ def clip_center_crop_box(width: int, height: int, size: int) -> tuple[float, flo
     return (lo, 0.0, hi, float(height)) if width >= height else (0.0, lo, float(width), hi)
 
 
+def pad_square_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The region of a ``width``×``height`` image that ``LlavaImageProcessor(do_pad=True)`` turns into
+    its square: the image padded to ``max(width, height)``, placed at ``(side - short) // 2``."""
+    side = max(width, height)
+    if width >= height:
+        off = (side - height) // 2
+        return 0.0, float(-off), float(width), float(side - off)
+    off = (side - width) // 2
+    return float(-off), 0.0, float(side - off), float(height)
+
+
 @register_family
 class LlavaFamily(Family):
     name = "llava"
@@ -56,6 +69,8 @@ class LlavaFamily(Family):
         if processor is not None:  # the crop the processor really makes (LLaVA-1.5: = image_size)
             size = int(processor.image_processor.crop_size["height"])
         side = size // int(config.vision_config.patch_size)  # 24 for CLIP-336/14
+        if processor is not None and getattr(processor.image_processor, "do_pad", False):
+            return square_grids(inputs["input_ids"], image_sizes, token, side, pad_square_box)
         return square_grids(inputs["input_ids"], image_sizes, token, side,
                             lambda w, h: clip_center_crop_box(w, h, size))
 
