@@ -65,6 +65,9 @@ class MllamaFamily(Family):
                 aid = int(aspect_ids[b, j])
                 if aid < 1:
                     raise ValueError(f"sample {b}, image {j}: aspect_ratio_id is 0 (no image was processed there)")
+                if aid > len(ASPECT_RATIOS):
+                    raise ValueError(f"sample {b}, image {j}: aspect_ratio_id {aid} needs more than 4 tiles "
+                                     "(max_image_tiles > 4); the released checkpoints use 4, the only layout mapped")
                 tile_rows, tile_cols = ASPECT_RATIOS[aid - 1]
                 canvas = get_optimal_tiled_canvas(height, width, num_tiles, tile)
                 if tuple(canvas) != (tile_rows * tile, tile_cols * tile):
