@@ -38,8 +38,9 @@ run capture benchmarks/vlm_capture.py --device cuda --dtype bfloat16 --mllama-la
     > "$T/capture.txt"
 # last (it may be cut by its timeout without costing the figures above): the new teachers at real size,
 # one-pass noise recipe, fp16 (random weights built on the machine; Flux-dev's 12 B are too slow to build here)
-run teachers benchmarks/teacher_speed.py --architecture sdxl-base sd3-medium --device cuda --dtype float16 \
-    --images 16 --batch-size 8 --recipes noise --json "$T/teachers.json"
+echo "== teachers (at most 90 s, so the whole check stays near 5 minutes)"
+timeout 90 python3 benchmarks/teacher_speed.py --architecture sdxl-base sd3-medium --device cuda --dtype float16 \
+    --images 16 --batch-size 8 --recipes noise --json "$T/teachers.json" 2>&1 | tail -10
 python3 - "$T" "$OUTDIR/gpu_check.json" <<'PY'
 import json, pathlib, sys, time, torch
 parts, out = pathlib.Path(sys.argv[1]), sys.argv[2]
