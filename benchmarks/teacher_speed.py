@@ -89,10 +89,10 @@ def main() -> None:
     try:
         for arch in a.architecture:
             result["teachers"][arch] = measure(arch, a.recipes, a.images, a.batch_size, a.device, a.dtype, work)
+            if a.json:  # after each teacher: a run cut by a timeout keeps what it measured
+                Path(a.json).write_text(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
