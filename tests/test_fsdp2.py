@@ -44,8 +44,6 @@ PROBE = "LAVENDER_TEST_FSDP_PROBE"  # folder the worker writes its probe files t
 # measured at λ = 10: 4.5e-7; the head after step 2 is 0.2 away from the final one).
 LR = 1e-3
 REL, ABS, HEAD_ATOL = 1e-3, 1e-7, 1e-5
-CAPTIONS = ["a red circle and a blue square", "a green triangle", "the yellow ring is left of a red cross",
-            "two blue circles", "a purple square above a green circle", "one orange triangle"]
 
 
 # --- the worker (run by `accelerate launch tests/test_fsdp2.py train ...`) ---------------------------
@@ -136,27 +134,9 @@ def _fsdp2_on_cpu_missing() -> str | None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    from PIL import Image
+    from _train_data import write_train_world
 
-    from lavender.attnstore import AttentionWriter
-    from lavender.words import split_words
-
-    root = tmp_path_factory.mktemp("fsdp2_data")
-    (root / "img").mkdir()
-    rng = np.random.default_rng(0)
-    writer = AttentionWriter(root / "attn", {"map_size": 32, "frame": "squash"})
-    rows = []
-    for i, cap in enumerate(CAPTIONS):
-        Image.fromarray(rng.integers(0, 255, (48 + 4 * i, 64, 3), dtype=np.uint8)).save(root / f"img/{i}.png")
-        rows.append({"id": f"r{i}", "images": [f"img/{i}.png"],
-                     "messages": [{"role": "user", "content": "<image>Describe the image."},
-                                  {"role": "assistant", "content": cap}]})
-        ws = split_words(cap)
-        writer.add(f"r{i}", [w.text for w in ws], [(w.start, w.end) for w in ws],
-                   rng.random((len(ws), 32, 32)).astype("float32"))
-    writer.close()
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"data": str(root / "train.jsonl"), "attention": str(root / "attn")}
+    return write_train_world(tmp_path_factory.mktemp("fsdp2_data"))
 
 
 def _free_port() -> int:

@@ -12,41 +12,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from _train_data import CAPTIONS, write_train_world
 
-from lavender.attnstore import AttentionWriter
 from lavender.cli import main as cli
 from lavender.config import AlignmentConfig, TrainConfig
 from lavender.trainer import build_trainer, lambda_at, load_head_state
 from lavender.vlm.families import families
-from lavender.words import split_words
 
 ARCHS = sorted(families())  # every registered family, with no list to keep in sync
-CAPTIONS = ["a red circle and a blue square", "a green triangle", "the yellow ring is left of a red cross",
-            "two blue circles", "a purple square above a green circle", "one orange triangle"]
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """Six records with images and random DM maps for their answer words, plus one broken record."""
-    root = tmp_path_factory.mktemp("train_data")
-    (root / "img").mkdir()
-    rng = np.random.default_rng(0)
-    writer = AttentionWriter(root / "attn", {"map_size": 32, "frame": "squash"})
-    rows = []
-    for i, cap in enumerate(CAPTIONS):
-        Image.fromarray(rng.integers(0, 255, (48 + 4 * i, 64, 3), dtype=np.uint8)).save(root / f"img/{i}.png")
-        rows.append({"id": f"r{i}", "images": [f"img/{i}.png"],
-                     "messages": [{"role": "user", "content": "<image>Describe the image."},
-                                  {"role": "assistant", "content": cap}]})
-        ws = split_words(cap)
-        writer.add(f"r{i}", [w.text for w in ws], [(w.start, w.end) for w in ws],
-                   rng.random((len(ws), 32, 32)).astype("float32"))
-    writer.close()
-    rows.append({"id": "missing", "images": ["img/nope.png"],
-                 "messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}]})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"data": str(root / "train.jsonl"), "attention": str(root / "attn")}
+    return write_train_world(tmp_path_factory.mktemp("train_data"), broken=True)
 
 
 def _args(tiny_vlm, world, out, arch="mllama", **kw) -> tuple[TrainConfig, AlignmentConfig]:
