@@ -220,9 +220,14 @@ def families() -> dict[str, Family]:
     return dict(_REGISTRY)
 
 
+def config_value(config: Any, key: str, default: Any = None) -> Any:
+    """``config[key]`` of a model config given as a ``PretrainedConfig`` or as its dict (``default`` if absent)."""
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
 def family_for_config(config: Any) -> Family:
     """The family of a model config (``PretrainedConfig`` or its dict); a clear error otherwise."""
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    model_type = config_value(config, "model_type")
     for fam in _REGISTRY.values():
         if model_type in fam.model_types:
             return fam

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from transformers import InternVLProcessor
 
-from lavender.vlm.families.base import Family, ImageGrid, image_token_id, register_family
+from lavender.vlm.families.base import Family, ImageGrid, config_value, image_token_id, register_family
 from lavender.vlm.tiny import load_image_only_processor
 
 
@@ -51,10 +51,6 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
     @classmethod
     def get_attributes(cls) -> list[str]:
         return ["image_processor", "tokenizer"]
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
 
 def _side(value: Any) -> int:
@@ -89,13 +85,13 @@ class InternVLFamily(Family):
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
         token = image_token_id(config)
-        vision = _get(config, "vision_config")
-        tile, patch = _side(_get(vision, "image_size")), _side(_get(vision, "patch_size"))
+        vision = config_value(config, "vision_config")
+        tile, patch = _side(config_value(vision, "image_size")), _side(config_value(vision, "patch_size"))
         lo, hi = 1, 12  # the released checkpoints' min/max tiles
         if processor is not None:
             ip = processor.image_processor
             tile, lo, hi = int(ip.size["height"]), int(ip.min_patches), int(ip.max_patches)
-        k = int(tile // patch * float(_get(config, "downsample_ratio", 0.5)))  # tokens per tile side
+        k = int(tile // patch * float(config_value(config, "downsample_ratio", 0.5)))  # tokens per tile side
         runs = image_runs(inputs["input_ids"], token, [len(s) for s in image_sizes])
         grids = []
         for b, sizes in enumerate(image_sizes):

@@ -61,7 +61,7 @@ import torch
 from transformers import LlavaOnevisionProcessor
 
 from lavender.vlm.families._tokens import image_token_positions
-from lavender.vlm.families.base import Family, ImageGrid, image_token_id, register_family
+from lavender.vlm.families.base import Family, ImageGrid, config_value, image_token_id, register_family
 from lavender.vlm.tiny import load_image_only_processor
 
 
@@ -74,10 +74,6 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
     @classmethod
     def get_attributes(cls) -> list[str]:
         return ["image_processor", "tokenizer"]
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
 
 def token_span(t0: int, t1: int, crop: int, side: int, patch: int) -> tuple[float, float]:
@@ -186,10 +182,10 @@ class LlavaOnevisionFamily(Family):
     def _settings(self, config: Any, processor: Any) -> tuple[list, int, int, int | None, int]:
         """``(pinpoints, crop, side, max_crops, patch)`` from the processor (what made the tokens),
         else from the config (the same values in every released checkpoint)."""
-        vision = _get(config, "vision_config")
-        crop, patch = int(_get(vision, "image_size")), int(_get(vision, "patch_size"))
-        pinpoints = _get(config, "image_grid_pinpoints")
-        aspect = _get(config, "vision_aspect_ratio", "anyres_max_9")
+        vision = config_value(config, "vision_config")
+        crop, patch = int(config_value(vision, "image_size")), int(config_value(vision, "patch_size"))
+        pinpoints = config_value(config, "image_grid_pinpoints")
+        aspect = config_value(config, "vision_aspect_ratio", "anyres_max_9")
         if processor is not None:
             ip = processor.image_processor
             pinpoints = ip.image_grid_pinpoints

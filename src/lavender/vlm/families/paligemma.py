@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lavender.vlm.families._tokens import square_grids
-from lavender.vlm.families.base import Family, ImageGrid, image_token_id, register_family
+from lavender.vlm.families.base import Family, ImageGrid, config_value, image_token_id, register_family
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,8 @@ class PaliGemmaFamily(Family):
     def image_grids(self, inputs: Any, image_sizes: Sequence[Sequence[tuple[int, int]]],
                     config: Any = None, processor: Any = None) -> list[ImageGrid]:
         token = image_token_id(config)
-        vision = config["vision_config"] if isinstance(config, dict) else config.vision_config
-        get = vision.get if isinstance(vision, dict) else lambda k: getattr(vision, k)
-        side = int(get("image_size")) // int(get("patch_size"))
+        vision = config_value(config, "vision_config")
+        side = int(config_value(vision, "image_size")) // int(config_value(vision, "patch_size"))
         return square_grids(inputs["input_ids"], image_sizes, token, side,
                             lambda w, h: (0.0, 0.0, float(w), float(h)))
 

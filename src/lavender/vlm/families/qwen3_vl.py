@@ -40,7 +40,7 @@ import torch
 from transformers import Qwen3VLProcessor
 
 from lavender.vlm.families._tokens import image_token_positions
-from lavender.vlm.families.base import Family, ImageGrid, image_token_id, register_family
+from lavender.vlm.families.base import Family, ImageGrid, config_value, image_token_id, register_family
 from lavender.vlm.tiny import load_image_only_processor
 
 _IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -89,8 +89,7 @@ class Qwen3VLFamily(Family):
     def image_grids(self, inputs: Any, image_sizes: Sequence[Sequence[tuple[int, int]]],
                     config: Any = None, processor: Any = None) -> list[ImageGrid]:
         token = image_token_id(config)
-        vision = config["vision_config"] if isinstance(config, dict) else config.vision_config
-        merge = int(vision["spatial_merge_size"] if isinstance(vision, dict) else vision.spatial_merge_size)
+        merge = int(config_value(config_value(config, "vision_config"), "spatial_merge_size"))
         shapes = merged_shapes(inputs["image_grid_thw"], image_sizes, merge, self.name)
         positions = image_token_positions(inputs["input_ids"], token, [[r * c for r, c in s] for s in shapes])
         return [ImageGrid(b, pos, r, c, (0.0, 0.0, float(w), float(h)), (int(w), int(h)))
