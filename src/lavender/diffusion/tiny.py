@@ -97,6 +97,17 @@ def make_tokenizer(out: str | Path):
 # Sizes per architecture: keyword arguments of UNet2DConditionModel, AutoencoderKL and CLIPTextConfig
 # (on top of the shared ones set in make_tiny_dm), the image side (None: the caller's ``image_size``)
 # and the dtype the weights are saved in.
+# The real-size parts several released pipelines share: SD's VAE shape (latent channels and scaling
+# differ per model, set beside each use), CLIP ViT-L/14 and OpenCLIP bigG text encoders, T5-XXL's encoder.
+_SD_VAE: dict = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+                 "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
+_CLIP_L: dict = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "projection_dim": 768}
+_CLIP_BIGG: dict = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                    "projection_dim": 1280, "hidden_act": "gelu"}
+_T5_XXL: dict = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+                 "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
+
 ARCHITECTURES: dict[str, dict] = {
     "tiny": {
         "image_size": None,
@@ -133,15 +144,10 @@ ARCHITECTURES: dict[str, dict] = {
             "norm_num_groups": 32,
         },
         "vae": {
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "block_out_channels": (128, 256, 512, 512),
-            "layers_per_block": 2,
-            "norm_num_groups": 32,
+            **_SD_VAE,
             "scaling_factor": 0.18215,
         },
-        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "projection_dim": 768},
+        "text": _CLIP_L,
     },
     # SDXL: no cross-attention at the highest UNet resolution (its first block is a plain DownBlock2D),
     # cross_attention_dim = the two text encoders' widths concatenated, "text_time" added conditioning
@@ -195,17 +201,11 @@ ARCHITECTURES: dict[str, dict] = {
             "norm_num_groups": 32,
         },
         "vae": {
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "block_out_channels": (128, 256, 512, 512),
-            "layers_per_block": 2,
-            "norm_num_groups": 32,
+            **_SD_VAE,
             "scaling_factor": 0.13025,
         },
-        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "projection_dim": 768},
-        "text_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                   "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"},
+        "text": _CLIP_L,
+        "text_2": _CLIP_BIGG,
     },
     # SD3 (MM-DiT): 16-channel VAE latents cut into 2×2 patches; the text is two CLIP encoders' tokens
     # (widths concatenated, zero-padded to T5's) followed by T5's tokens, and both CLIPs' pooled outputs.
@@ -246,23 +246,16 @@ ARCHITECTURES: dict[str, dict] = {
                         "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
                         "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192},
         "vae": {
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "block_out_channels": (128, 256, 512, 512),
-            "layers_per_block": 2,
-            "norm_num_groups": 32,
+            **_SD_VAE,
             "latent_channels": 16,
             "scaling_factor": 1.5305,
             "shift_factor": 0.0609,
             "use_quant_conv": False,
             "use_post_quant_conv": False,
         },
-        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "projection_dim": 768},
-        "text_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                   "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"},
-        "t5": {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-               "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"},
+        "text": _CLIP_L,
+        "text_2": _CLIP_BIGG,
+        "t5": _T5_XXL,
         "shift": 3.0,
     },
     # FLUX.1 (MM-DiT, flow matching): 16-channel latents packed 2×2 into 64-wide tokens, double-stream
@@ -301,21 +294,15 @@ ARCHITECTURES: dict[str, dict] = {
                         "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
                         "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)},
         "vae": {
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "block_out_channels": (128, 256, 512, 512),
-            "layers_per_block": 2,
-            "norm_num_groups": 32,
+            **_SD_VAE,
             "latent_channels": 16,
             "scaling_factor": 0.3611,
             "shift_factor": 0.1159,
             "use_quant_conv": False,
             "use_post_quant_conv": False,
         },
-        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "projection_dim": 768},
-        "t5": {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-               "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"},
+        "text": _CLIP_L,
+        "t5": _T5_XXL,
     },
 }
 
