@@ -51,6 +51,26 @@ def _record_inputs(model: torch.nn.Module, suffix: str) -> tuple[dict, list]:
 
 
 # ------------------------------------------------------------------------------------------ SDXL
+def _capture_one_guided_call(teacher, store) -> tuple[dict, torch.Tensor]:
+    """One [uncond, cond] velocity call of a transformer teacher with capture on, its blocks' inputs
+    recorded; asserts capture leaves the output unchanged. Returns (inputs per block, conditioning)."""
+    seen, hooks = _record_inputs(teacher.transformer, ".attn")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 16, 16, generator=g)
+    cond = teacher.encode_prompts(teacher.tokenize(["a red dog", "blue squares left of a cat"]))
+    uncond = teacher.null_embedding().expand(2, -1, -1)
+    with torch.no_grad():
+        ref = teacher.velocity(torch.cat([x, x]), 500.0, torch.cat([uncond, cond]))
+        store.reset(2)
+        store.active = True
+        out = teacher.velocity(torch.cat([x, x]), 500.0, torch.cat([uncond, cond]))
+        store.active = False
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out, ref)
+    return seen, cond
+
+
 @pytest.fixture(scope="module")
 def sdxl():
     return load_teacher(tiny("sdxl"))
@@ -237,20 +257,7 @@ def test_sd3_captured_maps_equal_explicit_softmax_over_all_keys(sd3):
     sides = sd3.attention_sides()
     store = AttentionAccumulator([8], 2, 256)
     assert sd3.install_capture(store, sides, None) == sorted(sides)
-    seen, hooks = _record_inputs(sd3.transformer, ".attn")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 16, 16, generator=g)
-    cond = sd3.encode_prompts(sd3.tokenize(["a red dog", "blue squares left of a cat"]))
-    uncond = sd3.null_embedding().expand(2, -1, -1)
-    with torch.no_grad():
-        ref = sd3.velocity(torch.cat([x, x]), 500.0, torch.cat([uncond, cond]))
-        store.reset(2)
-        store.active = True
-        out = sd3.velocity(torch.cat([x, x]), 500.0, torch.cat([uncond, cond]))
-        store.active = False
-    for h in hooks:
-        h.remove()
-    assert torch.equal(out, ref)
+    seen, cond = _capture_one_guided_call(sd3, store)
     expected = torch.zeros(2, 64, 256, dtype=torch.float64)
     for name, (hs, ctx, _) in seen.items():
         attn = sd3.transformer.get_submodule(name)
@@ -417,20 +424,7 @@ def test_flux_captured_maps_equal_explicit_softmax_with_rope(flux):
     sides = flux.attention_sides()
     store = AttentionAccumulator([8], 2, 512)
     flux.install_capture(store, sides, ["transformer_blocks.", "single_transformer_blocks."])
-    seen, hooks = _record_inputs(flux.transformer, ".attn")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 16, 16, generator=g)
-    cond = flux.encode_prompts(flux.tokenize(["a red dog", "blue squares left of a cat"]))
-    uncond = flux.null_embedding().expand(2, -1, -1)
-    with torch.no_grad():
-        ref = flux.velocity(torch.cat([x, x]), 500.0, torch.cat([uncond, cond]))
-        store.reset(2)
-        store.active = True
-        out = flux.velocity(torch.cat([x, x]), 500.0, torch.cat([uncond, cond]))
-        store.active = False
-    for h in hooks:
-        h.remove()
-    assert torch.equal(out, ref)
+    seen, cond = _capture_one_guided_call(flux, store)
     assert sorted(seen) == [k.rsplit(".processor", 1)[0] for k in sorted(sides)]
     expected = torch.zeros(2, 64, 512, dtype=torch.float64)
     for name, (hs, ctx, (cos, sin)) in seen.items():
