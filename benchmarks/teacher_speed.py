@@ -70,7 +70,9 @@ def measure(architecture: str, recipes: list[str], images: int, batch_size: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--architecture", nargs="+", default=["tiny", "sdxl", "sd3", "flux"],
+    from lavender.diffusion.tiny import ARCHITECTURES
+
+    ap.add_argument("--architecture", nargs="+", default=["tiny", "sdxl", "sd3", "flux"], choices=list(ARCHITECTURES),
                     help="make_tiny_dm architectures (tiny ones, or the real-size presets sd14, sdxl-base, "
                          "sd3-medium, flux-dev)")
     ap.add_argument("--recipes", nargs="+", default=["noise", "ddim"], choices=("noise", "ddim", "nulltext"))
@@ -81,6 +83,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.images < 1 or a.batch_size < 1:
+        ap.error("--images and --batch-size must be at least 1")
     if a.threads:
         torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="lavender-teachers-"))

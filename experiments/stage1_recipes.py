@@ -75,11 +75,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    if a.n < 1:
+        ap.error(f"--n {a.n}: the number of iid-val records must be at least 1")
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     data = out / "data"
     records = data / "iid-val.jsonl"
-    if not records.exists():
+    if not records.exists() or sum(1 for _ in open(records)) < a.n:  # prefix-stable: a larger --n extends it
         write_v2_split(data, "iid-val", a.n, seed=0, p=1.0)
     recs = [json.loads(ln) for ln in open(records)][: a.n]
     dm = world_checkpoint(None, "dm", "lavender world train-dm")
