@@ -101,14 +101,14 @@ def _objects(rng: np.random.Generator, kind: str, p: float, split: str, binding:
     ref_c, ref_s = _pick(rng, pool)
     answer_is_colour = kind == "colour"
     share = bool(rng.random() < p) if shares_p else False
-    # the decoy: other naming attribute; the answer attribute equal to the referent's iff ``share``
+    # the decoy: the referent's naming attribute iff ``binding`` (else another one); the answer
+    # attribute equal to the referent's iff ``share``
     seen = list(SEEN_PAIRS)
     pool_d = seen + ([(ref_c, ref_s)] if binding and (ref_c, ref_s) not in seen else [])
-    same_name = binding  # the decoy's naming attribute equals the referent's iff binding pressure
     if answer_is_colour:
-        cands = [(c, s) for c, s in pool_d if (s == ref_s) == same_name and ((c == ref_c) == share)]
+        cands = [(c, s) for c, s in pool_d if (s == ref_s) == binding and ((c == ref_c) == share)]
     else:
-        cands = [(c, s) for c, s in pool_d if (c == ref_c) == same_name and ((s == ref_s) == share)]
+        cands = [(c, s) for c, s in pool_d if (c == ref_c) == binding and ((s == ref_s) == share)]
     if not cands:
         return None
     decoy = _pick(rng, cands)
@@ -243,7 +243,7 @@ def write_v2_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0
                    "masks": masks, "objects": [o.to_dict() for o in scene.objects],
                    "template": f["template"], "referent": f["referent"], "decoy": f["decoy"],
                    "decoy_shares": f["decoy_shares"], "align_pairs": f["align_pairs"], "p": p,
-                   **({"binding": True} if binding else {})}, pair)
+                   **({"binding": True} if f["binding"] else {})}, pair)
 
     return write_scene_jsonl(root / f"{split}.jsonl", rows())
 
