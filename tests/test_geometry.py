@@ -708,3 +708,53 @@ def test_gather_grid_picks_keys_row_major():
     attn = torch.arange(12.0).expand(3, 12)  # (..., K)
     out = gather_grid(attn, grid)
     assert out.shape == (3, 2, 2) and out[0].tolist() == [[5.0, 6.0], [9.0, 10.0]]
+
+
+def _grid_sample_reference(g, covers, image, frame, size=32):
+    """to_frame as one grid_sample at k×k sub-samples per pixel, then k×k average pooling."""
+    import math
+
+    import torch.nn.functional as F
+
+    from lavender.frames import frame_to_image
+
+    rows, cols = g.shape[-2:]
+    k = max(1, math.ceil(max(rows, cols) / size))
+    n = size * k
+    c = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    v, u = torch.meshgrid(c, c, indexing="ij")
+    x, y = frame_to_image(frame, float(image[0]), float(image[1]), u, v)
+    gx, gy = (x - covers[0]) / (covers[2] - covers[0]), (y - covers[1]) / (covers[3] - covers[1])
+    inside = (gx >= 0) & (gx <= 1) & (gy >= 0) & (gy <= 1) & (x >= 0) & (x <= image[0]) & (y >= 0) & (y <= image[1])
+    at = torch.stack([gx * 2 - 1, gy * 2 - 1], -1).unsqueeze(0).to(g.dtype)
+    ref = F.grid_sample(g.reshape(1, -1, rows, cols), at, mode="bilinear", padding_mode="border",
+                        align_corners=False) * inside.to(g.dtype)
+    ref = F.avg_pool2d(ref, k) if k > 1 else ref
+    return ref.reshape(*g.shape[:-2], size, size)
+
+
+@pytest.mark.parametrize("frame", ["squash", "pad", "center-crop"])
+@pytest.mark.parametrize("rows,cols,covers,image", [(4, 4, (0, 0, 100, 40), (100, 40)),
+                                                     (40, 40, (0, 0, 560, 560), (560, 560)),
+                                                     (80, 40, (0, 0, 560, 1120), (560, 1120)),
+                                                     (24, 24, (30, 0, 70, 40), (100, 40)),
+                                                     (6, 10, (0, 0, 80, 60), (70, 60)),
+                                                     (36, 50, (10, 5, 90, 65), (100, 70))])
+def test_to_frame_equals_grid_sample_values_and_gradients(frame, rows, cols, covers, image):
+    """Both computations (grid_sample at k = 1, separable at k > 1) give grid_sample's numbers and
+    gradients: border padding, the outside mask and the k×k average."""
+    g = torch.rand(3, 2, rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.rand(3, 2, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    a, b = g.clone().requires_grad_(), g.clone().requires_grad_()
+    out, ref = to_frame(a, covers, image, frame, 32), _grid_sample_reference(b, covers, image, frame)
+    torch.testing.assert_close(out, ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_to_frame_at_k1_is_grid_sample_bit_for_bit():
+    """A grid no finer than the output keeps grid_sample's exact float32 numbers (the world's results)."""
+    g = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(to_frame(g, (0, 0, 64, 64), (64, 64)), _grid_sample_reference(g, (0, 0, 64, 64), (64, 64),
+                                                                                   "squash"))
