@@ -287,3 +287,36 @@ def test_keys_no_row_may_see_are_dropped_without_changing_maps_or_grads(float_ma
     wq, wk = torch.autograd.grad((want * w).sum(), (q, k))
     torch.testing.assert_close(gq, wq)
     torch.testing.assert_close(gk, wk)
+
+
+def test_row_chunks_are_sized_by_the_keys_a_row_may_see(monkeypatch) -> None:
+    """The chunk bound counts the keys the slice really scores: with half the keys masked for every row
+    (Mllama's padding tiles), rows that fit in ``chunk_bytes`` over the LIVE keys are scored in one
+    slice, not chunked (and recomputed in backward) as if all keys were scored; the maps are unchanged."""
+    import lavender.vlm.backend as backend
+    from lavender.vlm.backend import AttentionCapture, attention_slice
+
+    g = torch.Generator().manual_seed(0)
+    bsz, heads, kv, t_len, s_len, dim, n_rows = 1, 4, 2, 8, 64, 8, 6
+    q = torch.randn(bsz, heads, t_len, dim, generator=g, requires_grad=True)
+    k = torch.randn(bsz, kv, s_len, dim, generator=g, requires_grad=True)
+    allowed = torch.ones(bsz, 1, t_len, s_len, dtype=torch.bool)
+    allowed[..., 32:] = False
+    keys = torch.arange(0, 32, 4)[None]
+    plan = CapturePlan([0], torch.arange(n_rows)[None], torch.ones(1, n_rows, dtype=torch.bool),
+                       keys, torch.ones_like(keys, dtype=torch.bool))
+    calls: list[int] = []
+    monkeypatch.setattr(backend, "attention_slice", lambda qq, kk, m, p, *a, **kw: (
+        calls.append(p.rows.shape[1]), attention_slice(qq, kk, m, p, *a, **kw))[1])
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    capture = AttentionCapture(causal=False, chunk_bytes=bsz * heads * 32 * 4 * n_rows)  # all rows × live keys
+    capture.arm(plan)
+    capture.record(module, q, k, allowed, None, None)
+    assert calls == [n_rows]
+    torch.testing.assert_close(capture.maps[0], attention_slice(q, k, allowed, plan))
+    capture.chunk_bytes //= 2  # now two chunks of three rows, the same numbers
+    calls.clear()
+    capture.record(module, q, k, allowed, None, None)
+    assert calls == [3, 3]
+    torch.testing.assert_close(capture.maps[0], attention_slice(q, k, allowed, plan))

@@ -137,6 +137,7 @@ class AttentionCapture:
         if self.projector is not None:
             query, key = self.projector(module, query, key)
         causal = self.causal if is_causal is None else is_causal
+        key, mask, plan = drop_unseen_keys(key, mask, plan, query.shape[2])  # sizes the chunks by the live keys
         bsz, heads, n_rows, s_len = query.shape[0], query.shape[1], plan.rows.shape[1], key.shape[2]
         per_row = bsz * heads * s_len * 4  # bytes of one row of the float32 scores
         step = max(1, self.chunk_bytes // per_row)
@@ -173,20 +174,12 @@ def attention_slice(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     key_valid = plan.key_valid.to(query.device)
     m_rows = None
     if mask is not None:
+        key, mask, plan = drop_unseen_keys(key, mask, plan, t_len)
+        s_len = key.shape[2]
+        keys, key_valid = plan.keys.to(query.device), plan.key_valid.to(query.device)
         m = mask[..., :s_len]  # (Bm, Hm, Tm, S); Bm, Tm may be 1 (broadcast)
         m = m.expand(bsz, m.shape[1], t_len, s_len)  # a view, no copy
         m_rows = m.gather(2, rows[:, None, :, None].expand(bsz, m.shape[1], n_rows, s_len))  # (B, Hm, R, S)
-        # keys no row of the batch may see (Mllama's padding tiles: 3 of 4 slots for a one-tile image)
-        # get exactly 0 probability: dropping them before the scores changes nothing but the cost
-        allowed = m_rows if m_rows.dtype == torch.bool else m_rows > torch.finfo(m_rows.dtype).min / 2
-        live = allowed.flatten(0, 2).any(0)  # (S,)
-        if bool(live.any()) and not bool(live.all()):
-            cols = live.nonzero().squeeze(1)
-            new_index = torch.cumsum(live.long(), 0) - 1
-            key = key.index_select(2, cols)
-            m_rows = m_rows.index_select(3, cols)
-            key_valid = key_valid & live[keys]
-            keys = torch.where(live[keys], new_index[keys], torch.zeros_like(keys))
     # gather the R query rows: (B, H, R, D)
     q = query.gather(2, rows[:, None, :, None].expand(bsz, heads, n_rows, dim))
     # GQA without materialising repeat_kv: group g of kv head j is query head j * groups + g
@@ -207,6 +200,34 @@ def attention_slice(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     out = probs.gather(3, keys[:, None, None, :].expand(bsz, heads, n_rows, keys.shape[1]))  # (B, H, R, K)
     valid = plan.row_valid.to(out.device)[:, None, :, None] & key_valid[:, None, None, :]
     return out * valid
+
+
+def drop_unseen_keys(key: torch.Tensor, mask: torch.Tensor | None, plan: CapturePlan,
+                     t_len: int) -> tuple[torch.Tensor, torch.Tensor | None, CapturePlan]:
+    """Drop the key positions that no planned row may see; they get exactly 0 probability, so the
+    slice is unchanged and only its cost falls (Mllama's padding tiles: 3 of 4 slots of a one-tile
+    image; a causal mask: keys after the last planned row).
+
+    Returns ``key``, ``mask`` (last dim cut to the kept keys) and the plan with ``keys`` renumbered
+    into the kept positions (a planned key that is never seen becomes invalid). Unchanged inputs
+    when every key is seen, or when ``mask`` is None (causality is then applied in the slice).
+    """
+    if mask is None:
+        return key, mask, plan
+    bsz, s_len = key.shape[0], key.shape[2]
+    rows = plan.rows.to(key.device)
+    m = mask[..., :s_len].expand(bsz, mask.shape[1], t_len, s_len)  # a view, no copy
+    m_rows = m.gather(2, rows[:, None, :, None].expand(bsz, m.shape[1], rows.shape[1], s_len))  # (B, Hm, R, S)
+    allowed = m_rows if m_rows.dtype == torch.bool else m_rows > torch.finfo(m_rows.dtype).min / 2
+    live = allowed.flatten(0, 2).any(0)  # (S,)
+    if not bool(live.any()) or bool(live.all()):
+        return key, mask, plan
+    cols = live.nonzero().squeeze(1)
+    new_index = torch.cumsum(live.long(), 0) - 1
+    keys, key_valid = plan.keys.to(key.device), plan.key_valid.to(key.device)
+    plan = replace(plan, keys=torch.where(live[keys], new_index[keys], torch.zeros_like(keys)),
+                   key_valid=key_valid & live[keys])
+    return key.index_select(2, cols), mask[..., :s_len].index_select(-1, cols), plan
 
 
 # --- the registered backend -------------------------------------------------------------------------
