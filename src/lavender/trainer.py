@@ -245,11 +245,12 @@ class LavenderTrainer(Trainer):
         maps = matched_word_maps(self.capture.maps, align, self.aggregation)  # (N, C, S, S)
         target = align.targets.to(maps.device, torch.float32)  # docs/pitfalls.md #11: moved with the batch
         raw = maps.float().mean(dim=1)  # (N, S, S)
-        grid_mass = word_grid_mass(self.capture.maps, align)
+        kind = self.args.att_loss
+        with torch.set_grad_enabled(kind == "mass" and torch.is_grad_enabled()):  # a diagnostic otherwise
+            grid_mass = word_grid_mass(self.capture.maps, align)
         with torch.no_grad():
             diag["loss_att_raw"] = float(attention_loss(minmax(raw), target)[0])
             diag["sink_mass"] = float((1 - grid_mass).mean()) if grid_mass.numel() else 0.0
-        kind = self.args.att_loss
         if kind == "mass":
             return mass_loss(raw, grid_mass, target, self.args.mass_threshold).to(device)
         pred = apply_aligner(self.head.aligner, maps)  # (N, S, S); recomputed in backward (memory)
