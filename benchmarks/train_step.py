@@ -12,6 +12,14 @@ Each measured step is ``compute_loss`` + ``backward`` (what ``training_step`` ru
 alternating ``--repeat`` times so machine noise hits both. Prints the median milliseconds, peak
 memory (CUDA: allocator peak; CPU: bytes autograd saves for backward) and the ratios.
 
+The measured steps are ordinary ones. Every ``--grad-ratio-steps`` optimiser steps (50 by default,
+and at the first) the trainer also logs ``grad_ratio``, which costs two extra backward passes; that
+step is timed once on its own (``grad_ratio_step_ms``) and its cost spread over the steps between
+two such logs is reported as ``amortised_ratio``. The head's share of Lavender's extra (pooling,
+word averaging, resampling, Aligner and loss on the captured maps, forward + backward) is timed
+apart (``head_ms``), so the cost model can tell what grows with the watched layers (the capture)
+from what is paid once per step (the head).
+
     python benchmarks/train_step.py                                  # CPU, 2 layers (minutes)
     python benchmarks/train_step.py --device cuda --dtype bfloat16 --layers 5 --text-tokens 256
 """
@@ -143,8 +151,10 @@ def measure(args: argparse.Namespace, tmp: Path, tiles: int, words: int) -> dict
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
         arms[name] = (trainer, batch)
 
-    def step(name: str) -> tuple[float, int]:
+    def step(name: str, diagnostic: bool = False) -> tuple[float, int]:
         trainer, batch = arms[name]
+        # global_step 0 is a grad_ratio logging step (two extra backwards): ordinary steps use 1
+        trainer.state.global_step = 0 if diagnostic else 1
         trainer.model.zero_grad(set_to_none=True)
         mem = 0
         if device.type == "cuda":
@@ -177,6 +187,10 @@ def measure(args: argparse.Namespace, tmp: Path, tiles: int, words: int) -> dict
             times[name].append(ms)
             mems[name] = mem
     med = {n: statistics.median(v) for n, v in times.items()}
+    diag_ms, _ = step("lavender", diagnostic=True)
+    every = arms["lavender"][0].args.grad_ratio_steps
+    head = [measure_head(*arms["lavender"], device) for _ in range(args.repeat)]
+    head_ms, head_bytes = statistics.median(h[0] for h in head), head[-1][1]
     align = arms["lavender"][1]["lavender"]
     n_words = int(align.n_matched)
     n_tiles = int(arms["lambda0"][1]["aspect_ratio_mask"].sum()) if "aspect_ratio_mask" in arms["lambda0"][1] \
@@ -186,10 +200,36 @@ def measure(args: argparse.Namespace, tmp: Path, tiles: int, words: int) -> dict
         print(f"  {n:9s} {med[n]:10.1f} ms   {mems[n] / 2**20:9.1f} MiB   runs {[round(x) for x in times[n]]}")
     r_t, r_m = med["lavender"] / med["lambda0"], mems["lavender"] / max(mems["lambda0"], 1)
     print(f"  ratio lavender/lambda0: time {r_t:.3f}, memory {r_m:.3f}")
+    amortised = (med["lavender"] + (diag_ms - med["lavender"]) / every) / med["lambda0"] if every else r_t
+    print(f"  head (pool, resample, Aligner, loss; fwd+bwd) {head_ms:.1f} ms, {head_bytes / 2**20:.1f} MiB; "
+          f"grad_ratio step {diag_ms:.0f} ms, once per {every} steps: amortised time ratio {amortised:.3f}")
     for trainer, _ in arms.values():
         del trainer
     return {"tiles": tiles, "valid_tiles": n_tiles, "words": words, "matched": n_words,
-            "ms": med, "runs_ms": times, "bytes": mems, "time_ratio": r_t, "memory_ratio": r_m}
+            "ms": med, "runs_ms": times, "bytes": mems, "time_ratio": r_t, "memory_ratio": r_m,
+            "head_ms": head_ms, "head_bytes": head_bytes, "grad_ratio_step_ms": diag_ms,
+            "grad_ratio_steps": every, "amortised_time_ratio": amortised}
+
+
+def measure_head(trainer, batch: dict, device: torch.device) -> tuple[float, int]:
+    """Milliseconds and saved bytes of the head alone: L_att from captured maps (held as leaves, so
+    nothing upstream of the capture runs), forward + backward."""
+    align = batch["lavender"]
+    inputs = {k: v for k, v in batch.items() if k != "lavender"}
+    trainer.capture.arm(align.plan)
+    with torch.no_grad():
+        trainer.model(**inputs)
+    trainer.capture.maps = {k: v.detach().requires_grad_() for k, v in trainer.capture.maps.items()}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    mem = saved_bytes(lambda: trainer._attention_term(align, device, {}).backward())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) * 1000
+    trainer.capture.clear()
+    trainer.head.zero_grad(set_to_none=True)
+    return ms, mem
 
 
 # The models the cost model extrapolates to: (text layers, watched layers, tokens per image tile or image)
@@ -198,50 +238,68 @@ REAL = {"Llama-3.2-11B-Vision (40 layers, its 8 cross-attention layers watched, 
 
 
 def cost_model(results: list[dict], layers: int) -> dict | None:
-    """Fit Lavender's extra cost per watched layer as ``a + b·words`` (per tile count), and predict the
-    ratio for real models from it.
+    """Fit Lavender's extra cost as ``watched × capture(words) + head(words)`` and predict the ratio for
+    real models from it.
 
-    Assumptions, stated because they bound the prediction: the benchmark watches ONE layer; the plain
-    step's time is split evenly over its ``layers`` text layers (the narrow random vision tower is
-    not counted, so a real model's base time is UNDER-estimated and the predicted ratio is an upper
-    bound); the extra of a watched layer scales with tiles as measured between tile counts (or
-    linearly in valid keys when one tile count was run).
+    * ``capture`` — the slice of ONE watched layer (``extra − head``; the benchmark watches one layer):
+      ``fixed + per_word × words``.
+    * ``head`` — pooling, word averaging, resampling, Aligner and loss, paid once per step however
+      many layers are watched (they are pooled first): ``fixed + per_word × words``, timed apart.
+
+    Assumptions, stated because they bound the prediction: the plain step's time is split evenly over
+    its ``layers`` text layers (the narrow random vision tower is not counted, so a real model's base
+    time is UNDER-estimated and the predicted ratio is an upper bound); per-layer quantities at another
+    tile count are interpolated between the measured tile counts (or scaled linearly in valid keys
+    when one tile count was run).
     """
     by_tiles: dict[int, list[dict]] = {}
     for r in results:
         by_tiles.setdefault(r["valid_tiles"], []).append(r)
-    fits = {}
+    fits: dict[int, dict] = {}
     for tiles, rs in by_tiles.items():
         if len({r["matched"] for r in rs}) < 2:
             continue
         w = np.array([r["matched"] for r in rs], dtype=float)
-        for what, key in (("ms", "ms"), ("bytes", "bytes")):
-            extra = np.array([r[key]["lavender"] - r[key]["lambda0"] for r in rs], dtype=float)
-            b, a = np.polyfit(w, extra, 1)
-            fits.setdefault(tiles, {})[what] = {"fixed": float(a), "per_word": float(b)}
+        for what, key, head_key in (("ms", "ms", "head_ms"), ("bytes", "bytes", "head_bytes")):
+            head = np.array([r[head_key] for r in rs], dtype=float)
+            capture = np.array([r[key]["lavender"] - r[key]["lambda0"] for r in rs], dtype=float) - head
+            for part, y in (("capture", capture), ("head", head)):
+                b, a = np.polyfit(w, y, 1)
+                fits.setdefault(tiles, {}).setdefault(part, {})[what] = {"fixed": float(a), "per_word": float(b)}
         fits[tiles]["base_ms_per_layer"] = float(np.mean([r["ms"]["lambda0"] for r in rs]) / layers)
         fits[tiles]["base_bytes_per_layer"] = float(np.mean([r["bytes"]["lambda0"] for r in rs]) / layers)
     if not fits:
         return None
-    lines = ["cost model (extra of ONE watched layer = fixed + per_word × words; from the runs above):"]
+    lines = ["cost model (extra = watched layers × capture + head; fixed + per_word × words, from the runs above):"]
     for tiles, f in sorted(fits.items()):
-        lines.append(f"  {tiles} tile(s): time {f['ms']['fixed']:.1f} ms + {f['ms']['per_word']:.3f} ms/word; "
-                     f"memory {f['bytes']['fixed'] / 2**20:.1f} MiB + {f['bytes']['per_word'] / 2**20:.3f} MiB/word")
+        for part in ("capture", "head"):
+            t, m = f[part]["ms"], f[part]["bytes"]
+            lines.append(f"  {tiles} tile(s), {part:7s}: time {t['fixed']:7.1f} ms + {t['per_word']:.3f} ms/word; "
+                         f"memory {m['fixed'] / 2**20:7.1f} MiB + {m['per_word'] / 2**20:.3f} MiB/word")
     predictions = {}
     known = sorted(fits)
+
+    def at(tiles: float, *path: str) -> float:
+        """A fitted quantity at ``tiles``: interpolated between measured tile counts, else scaled by keys."""
+        vals = []
+        for t in known:
+            v: object = fits[t]
+            for k in path:
+                v = v[k]  # type: ignore[index]
+            vals.append(float(v))  # type: ignore[arg-type]
+        if len(known) == 1 or tiles < known[0]:
+            return vals[0] * (tiles / known[0] if path[0] == "capture" else 1.0)  # the head: not fewer keys
+        return float(np.interp(tiles, known, vals))
+
     for name, (n_layers, watched, tiles) in REAL.items():
         for words in (64, 256):
-            # per-layer quantities at ``tiles``: interpolate between measured tile counts, else scale by keys
-            def at(key: str, sub: str | None = None, tiles: float = tiles) -> float:
-                vals = [fits[t][key][sub] if sub else fits[t][key] for t in known]
-                if len(known) == 1 or tiles < known[0]:  # below the runs: scale by the number of keys
-                    return vals[0] * (tiles / known[0] if sub else 1.0)
-                return float(np.interp(tiles, known, vals))
-            extra_t = watched * (at("ms", "fixed") + at("ms", "per_word") * words)
-            extra_m = watched * (at("bytes", "fixed") + at("bytes", "per_word") * words)
-            base_t, base_m = n_layers * at("base_ms_per_layer"), n_layers * at("base_bytes_per_layer")
-            predictions[f"{name}, {words} words"] = {"time_ratio": 1 + extra_t / base_t,
-                                                     "memory_ratio": 1 + extra_m / base_m}
+            def extra(what: str, tiles: float = tiles, words: int = words, watched: int = watched) -> float:
+                return sum(n * (at(tiles, part, what, "fixed") + at(tiles, part, what, "per_word") * words)
+                           for part, n in (("capture", watched), ("head", 1)))
+            base_t = n_layers * at(tiles, "base_ms_per_layer")
+            base_m = n_layers * at(tiles, "base_bytes_per_layer")
+            predictions[f"{name}, {words} words"] = {"time_ratio": 1 + extra("ms") / base_t,
+                                                     "memory_ratio": 1 + extra("bytes") / base_m}
     lines.append("predicted Lavender / plain fine-tuning (upper bounds: see cost_model's docstring):")
     for k, v in predictions.items():
         lines.append(f"  {k}: time {v['time_ratio']:.3f}, memory {v['memory_ratio']:.3f}")
