@@ -152,3 +152,28 @@ def test_learn_copy_init_on_mllama_cross_attention(tiny_mllama_dir: str) -> None
         torch.testing.assert_close(maps[1][k], maps[0][k], atol=1e-6, rtol=1e-5)
     sum(m.pow(2).sum() for m in maps[1].values()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learn.parameters())
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_word_average_equals_the_averaging_matmul_bit_for_bit(multi: bool) -> None:
+    """One-token words take their row by indexing (the fast path), any multi-token word keeps the
+    averaging matmul; both give the matmul's numbers and gradients exactly."""
+    g = torch.Generator().manual_seed(0)
+    pooled = torch.rand(2, 32, 9, 50, generator=g)  # (B, C, R, K)
+    words = [[WordRows("a", 0, 1, [2]), WordRows("b", 2, 3, [4]), WordRows("c", 4, 5, [5])],
+             [WordRows("d", 0, 1, [1]), WordRows("e", 2, 3, [3, 4] if multi else [3]), WordRows("f", 4, 5, [7])]]
+    batch = batch_rows(words)
+    weights = torch.rand(3, 32, 50, generator=g)
+    x1, x2 = pooled.clone().requires_grad_(), pooled.clone().requires_grad_()
+    got = average_word_rows(x1, batch)
+    want = []
+    for b, columns in enumerate(batch.word_columns):
+        avg = torch.zeros(len(columns), pooled.shape[2])
+        for w, cols in enumerate(columns):
+            avg[w, cols] = 1.0 / len(cols)
+        want.append(torch.einsum("wr,crk->wck", avg, x2[b]))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    sum((a * weights).sum() for a in got).backward()
+    sum((b * weights).sum() for b in want).backward()
+    assert torch.equal(x1.grad, x2.grad)

@@ -320,3 +320,23 @@ def test_row_chunks_are_sized_by_the_keys_a_row_may_see(monkeypatch) -> None:
     capture.record(module, q, k, allowed, None, None)
     assert calls == [3, 3]
     torch.testing.assert_close(capture.maps[0], attention_slice(q, k, allowed, plan))
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_a_mask_that_allows_every_kept_key_is_skipped_bit_for_bit(kind: str) -> None:
+    """Every key allowed to every planned row (Mllama's valid tiles): skipping the mask (and the ×1 of
+    all-valid rows and keys) gives exactly the numbers and gradients of no mask at all."""
+    from lavender.vlm.backend import attention_slice
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 6, 8, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, 20, 8, generator=g, requires_grad=True)
+    mask = torch.ones(1, 1, 6, 20, dtype=torch.bool) if kind == "bool" else torch.zeros(1, 1, 6, 20)
+    keys = torch.arange(20)[None]
+    plan = CapturePlan([0], torch.tensor([[1, 3, 5]]), torch.ones(1, 3, dtype=torch.bool), keys,
+                       torch.ones_like(keys, dtype=torch.bool))
+    got, want = attention_slice(q, k, mask, plan), attention_slice(q, k, None, plan, causal=False)
+    assert torch.equal(got, want)
+    w = torch.randn(got.shape, generator=g)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k)),
+                                                   torch.autograd.grad((want * w).sum(), (q, k))))

@@ -102,6 +102,13 @@ def average_word_rows(pooled: torch.Tensor, batch: RowBatch) -> list[torch.Tenso
     out = []
     for b, columns in enumerate(batch.word_columns):
         sample = pooled[b]  # (C, R, K)
+        if columns and all(len(cols) == 1 for cols in columns):
+            # every word one token: its map IS its row. Picking the rows gives the matmul's numbers
+            # exactly (1·x plus zeros) at 1/n_words of its cost; with any multi-token word the
+            # matmul stays, because averaging by another route would round differently
+            index = torch.tensor([cols[0] for cols in columns], device=sample.device)
+            out.append(sample.index_select(1, index).transpose(0, 1))
+            continue
         avg = sample.new_zeros(len(columns), sample.shape[1])  # (n_words, R)
         for w, cols in enumerate(columns):
             avg[w, cols] = 1.0 / len(cols)

@@ -187,19 +187,23 @@ def attention_slice(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # (B, Hkv, G*R, S')
     scores = scores.reshape(bsz, heads, n_rows, key.shape[2])  # (B, H, R, S')
     neg = torch.finfo(scores.dtype).min
+    # a mask that changes nothing (every kept key allowed to every row: Mllama's valid tiles, once the
+    # padding tiles are dropped) is skipped: masked_fill of nothing, or adding exact zeros, is the
+    # identity, and each is a full pass over the (B, H, R, S) scores forward and backward
     if m_rows is None:
         if causal:
             # queries are the last T positions of S keys (S == T without a cache)
             allowed = torch.arange(s_len, device=scores.device)[None, :] <= (rows + (s_len - t_len))[..., None]
             scores = scores.masked_fill(~allowed[:, None], neg)  # allowed: (B, R, S)
     elif m_rows.dtype == torch.bool:
-        scores = scores.masked_fill(~m_rows, neg)
-    else:
+        if not bool(m_rows.all()):
+            scores = scores.masked_fill(~m_rows, neg)
+    elif bool(m_rows.any()):
         scores = scores + m_rows.float()
     probs = torch.softmax(scores, dim=-1)  # over all keys a row may see, as the model does
     out = probs.gather(3, keys[:, None, None, :].expand(bsz, heads, n_rows, keys.shape[1]))  # (B, H, R, K)
     valid = plan.row_valid.to(out.device)[:, None, :, None] & key_valid[:, None, None, :]
-    return out * valid
+    return out if bool(valid.all()) else out * valid  # × 1 is the identity
 
 
 def drop_unseen_keys(key: torch.Tensor, mask: torch.Tensor | None, plan: CapturePlan,
