@@ -77,8 +77,8 @@ def pool(maps: dict[int, torch.Tensor], aggregation: str = "mean-mean", r: torch
         x = stack.mean(dim=2) if head_op == "mean" else stack.amax(dim=2)  # (B, L, R, K)
         x = x.mean(dim=1) if layer_op == "mean" else x.amax(dim=1)  # (B, R, K)
         return x.unsqueeze(1)
-    if aggregation == "heads":
-        return stack.mean(dim=1)  # (B, H, R, K)
+    if aggregation == "heads":  # (B, H, R, K); the mean of one layer is that layer, exactly
+        return stack[:, 0] if stack.shape[1] == 1 else stack.mean(dim=1)
     if aggregation in ("flow-mult", "flow-sum"):
         if r is None:
             raise ValueError(f"{aggregation} needs the row weights r_t (row_weights(rows, attention_mask))")
