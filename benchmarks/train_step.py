@@ -193,6 +193,7 @@ def measure(args: argparse.Namespace, tmp: Path, tiles: int, words: int) -> dict
     head_ms, head_bytes = statistics.median(h[0] for h in head), head[-1][1]
     align = arms["lavender"][1]["lavender"]
     n_words = int(align.n_matched)
+    aligner_ms = measure_aligner(arms["lavender"][0], n_words, device, args.repeat)
     n_tiles = int(arms["lambda0"][1]["aspect_ratio_mask"].sum()) if "aspect_ratio_mask" in arms["lambda0"][1] \
         else tiles
     print(f"{tiles} tile(s) ({n_tiles} valid), {words} answer words ({n_words} matched maps):")
@@ -201,13 +202,14 @@ def measure(args: argparse.Namespace, tmp: Path, tiles: int, words: int) -> dict
     r_t, r_m = med["lavender"] / med["lambda0"], mems["lavender"] / max(mems["lambda0"], 1)
     print(f"  ratio lavender/lambda0: time {r_t:.3f}, memory {r_m:.3f}")
     amortised = (med["lavender"] + (diag_ms - med["lavender"]) / every) / med["lambda0"] if every else r_t
-    print(f"  head (pool, resample, Aligner, loss; fwd+bwd) {head_ms:.1f} ms, {head_bytes / 2**20:.1f} MiB; "
+    print(f"  head (pool, resample, Aligner, loss; fwd+bwd) {head_ms:.1f} ms, {head_bytes / 2**20:.1f} MiB, of which "
+          f"the Aligner alone {aligner_ms:.1f} ms ({aligner_ms / med['lambda0']:.3f} of the plain step); "
           f"grad_ratio step {diag_ms:.0f} ms, once per {every} steps: amortised time ratio {amortised:.3f}")
     for trainer, _ in arms.values():
         del trainer
     return {"tiles": tiles, "valid_tiles": n_tiles, "words": words, "matched": n_words,
             "ms": med, "runs_ms": times, "bytes": mems, "time_ratio": r_t, "memory_ratio": r_m,
-            "head_ms": head_ms, "head_bytes": head_bytes, "grad_ratio_step_ms": diag_ms,
+            "head_ms": head_ms, "head_bytes": head_bytes, "aligner_ms": aligner_ms, "grad_ratio_step_ms": diag_ms,
             "grad_ratio_steps": every, "amortised_time_ratio": amortised}
 
 
@@ -230,6 +232,27 @@ def measure_head(trainer, batch: dict, device: torch.device) -> tuple[float, int
     trainer.capture.clear()
     trainer.head.zero_grad(set_to_none=True)
     return ms, mem
+
+
+def measure_aligner(trainer, n_words: int, device: torch.device, repeat: int) -> float:
+    """Median milliseconds of the Aligner alone on ``n_words`` maps (forward, the recompute, backward):
+    the part of the head that does not depend on the model, the floor of Lavender's extra time."""
+    from lavender.aligner import apply_aligner
+
+    aligner = trainer.head.aligner
+    channels = aligner.config["in_channels"]
+    times = []
+    for _ in range(repeat + 1):  # the first is a warm-up
+        x = torch.rand(n_words, channels, 32, 32, device=device, requires_grad=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        apply_aligner(aligner, x).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1000)
+    aligner.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
 
 
 # The models the cost model extrapolates to: (text layers, watched layers, tokens per image tile or image)
