@@ -1,5 +1,6 @@
 # Two commands: `make demo` (the miniature world end to end) and `make test` (the test suite).
-# Both create .venv on first use: torch from the machine's local CPU build, then the package.
+# Both create .venv on first use: torch from the machine's local CPU build, then the package at the
+# exact versions of constraints.txt (the environment README's numbers were made with).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,11 +8,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test demo lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)

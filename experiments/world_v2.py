@@ -35,6 +35,7 @@ import torch
 
 from lavender.config import ExtractConfig, config_from_file
 from lavender.diffusion.extract import run_extract
+from lavender.versions import software_versions
 from lavender.world.arms import ARMS, Recipe, attention_on_objects, run_arm, summarise, write_mask_attention
 from lavender.world.demo import majority_accuracy, stage1_config, strict_json, world_checkpoint
 from lavender.world.v2 import PAIRINGS, write_v2_split, write_with_pairs
@@ -203,7 +204,7 @@ def main() -> None:
     summary: dict[str, Any] = {"p": a.p, "arch": a.arch, "binding": a.binding, "seeds": a.seeds, "recipe": {
         "steps": base.steps, "learning_rate": base.learning_rate, "full": base.full, "ratio": base.ratio,
         "att_loss": base.att_loss, "aligner": base.aligner, "batch_size": base.batch_size},
-        "recipe_grid_iid_val": grid, "premise": premise, "sizes": {}}
+        "recipe_grid_iid_val": grid, "premise": premise, "software": software_versions(), "sizes": {}}
     for size in a.sizes:
         train = paths[f"train{size}"]
         results: dict[str, list[dict]] = {arm: [] for arm in a.arms}
@@ -242,7 +243,8 @@ def main() -> None:
         if a.publish and size == a.sizes[0]:
             Path(a.publish).parent.mkdir(parents=True, exist_ok=True)
             Path(a.publish).write_text(json.dumps(strict_json({**s, "size": size, "p": a.p, "arch": a.arch,
-                                                         "recipe": summary["recipe"], "premise": premise}), indent=2))
+                                                         "recipe": summary["recipe"], "premise": premise,
+                                                         "software": summary["software"]}), indent=2))
     log(f"done: {out / f'summary_{a.arch}{a.name}.json'}")
 
 

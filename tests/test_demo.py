@@ -12,6 +12,7 @@ import json
 from html.parser import HTMLParser
 
 import pytest
+import torch
 
 from lavender.cli import main as cli
 
@@ -37,6 +38,7 @@ def test_demo_quick_results_contract_and_self_contained_report(tmp_path) -> None
     r = json.loads((out / "results.json").read_text())
     n = len(r["seeds"])
     assert r["seeds"] == [0, 1, 2]
+    assert r["software"]["torch"] == torch.__version__  # the environment the numbers came from
     for split in ("iid", "shift"):
         assert 0.0 <= r[split]["majority"] <= 1.0
         for arm in ARMS:

@@ -27,6 +27,7 @@ from lavender.diffusion.inversion import NoiseSchedule, run_ddim, run_noise, run
 from lavender.frames import PAD_FILL, frame_image  # noqa: F401  (Stage 1's frame, re-exported)
 from lavender.maps import minmax
 from lavender.records import Record, RecordError, dm_text, iter_records, load_image
+from lavender.versions import software_versions
 from lavender.words import split_words, word_token_spans
 
 log = logging.getLogger("lavender.extract")
@@ -286,10 +287,7 @@ class Extractor:
         else:
             recipe = {"name": c.recipe, "steps": c.steps, "guidance": c.guidance}
             recipe.update({"inversion_steps": c.inversion_steps} if c.recipe == "ddim" else {"inner_steps": c.inner_steps})
-        import diffusers
-        import transformers
 
-        from lavender import __version__
         return {
             "dm": {"class": self.dm.pipeline_class, "image_size": self.dm.image_size,
                    "weights": dm_weights_fingerprint(str(c.dm))},
@@ -307,8 +305,7 @@ class Extractor:
                      "tokenizer": type(self.dm.tokenizer).__name__, "max_length": self.dm.max_length},
             "compute_dtype": c.dtype,
             "dtype": "float16",
-            "software": {"lavender": __version__, "diffusers": diffusers.__version__,
-                         "transformers": transformers.__version__, "torch": torch.__version__},
+            "software": software_versions(),
         }
 
     def extract_batch(self, records: list[Record], images: list) -> tuple[list[dict], float]:

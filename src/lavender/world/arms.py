@@ -171,6 +171,7 @@ def run_arm(arm: str, seed: int, *, vlm: str, train: Path, attention: dict[str, 
     from lavender.config import TrainConfig
     from lavender.evaluate import evaluate, write_results
     from lavender.trainer import run_training
+    from lavender.versions import software_versions
     from lavender.vlm.load import load_vlm
 
     cache = out / "result.json"
@@ -209,6 +210,7 @@ def run_arm(arm: str, seed: int, *, vlm: str, train: Path, attention: dict[str, 
         if vals:
             result[f"{key}_first"], result[f"{key}_last"] = vals[0], vals[-1]
     result["seconds"] = time.time() - t0
+    result["software"] = software_versions()
     out.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=2))
     if not keep:

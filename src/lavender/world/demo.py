@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lavender.config import AlignmentConfig, DemoConfig, ExtractConfig, LavenderError, config_from_file
+from lavender.versions import software_versions
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 STAGE1_FILE = "stage1.yaml"  # beside a DM checkpoint: the ExtractConfig overrides it recommends
@@ -193,6 +194,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["total_s"] = time.time() - t0
     summary["timings"] = timings
     summary["config"] = {**asdict(cfg), "dm": dm, "vlm": vlm}
+    summary["software"] = software_versions()
     summary = strict_json(summary)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     text = report(summary, figures)
