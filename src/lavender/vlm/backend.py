@@ -177,9 +177,7 @@ def attention_slice(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
         key, mask, plan = drop_unseen_keys(key, mask, plan, t_len)
         s_len = key.shape[2]
         keys, key_valid = plan.keys.to(query.device), plan.key_valid.to(query.device)
-        m = mask[..., :s_len]  # (Bm, Hm, Tm, S); Bm, Tm may be 1 (broadcast)
-        m = m.expand(bsz, m.shape[1], t_len, s_len)  # a view, no copy
-        m_rows = m.gather(2, rows[:, None, :, None].expand(bsz, m.shape[1], n_rows, s_len))  # (B, Hm, R, S)
+        m_rows = mask_rows(mask, rows, bsz, t_len, s_len)  # (B, Hm, R, S)
     # gather the R query rows: (B, H, R, D)
     q = query.gather(2, rows[:, None, :, None].expand(bsz, heads, n_rows, dim))
     # GQA without materialising repeat_kv: group g of kv head j is query head j * groups + g
@@ -206,6 +204,14 @@ def attention_slice(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     return out if bool(valid.all()) else out * valid  # × 1 is the identity
 
 
+def mask_rows(mask: torch.Tensor, rows: torch.Tensor, bsz: int, t_len: int, s_len: int) -> torch.Tensor:
+    """The planned ``rows`` ``(B|1, R)`` of a ``(Bm, Hm, Tm, ≥S)`` mask (``Bm``, ``Tm`` may be 1: broadcast)
+    over its first ``s_len`` keys → ``(B, Hm, R, S)``; the broadcast is a view, only the gather copies."""
+    n_rows = rows.shape[1]
+    m = mask[..., :s_len].expand(bsz, mask.shape[1], t_len, s_len)
+    return m.gather(2, rows[:, None, :, None].expand(bsz, m.shape[1], n_rows, s_len))
+
+
 def drop_unseen_keys(key: torch.Tensor, mask: torch.Tensor | None, plan: CapturePlan,
                      t_len: int) -> tuple[torch.Tensor, torch.Tensor | None, CapturePlan]:
     """Drop the key positions that no planned row may see; they get exactly 0 probability, so the
@@ -218,10 +224,8 @@ def drop_unseen_keys(key: torch.Tensor, mask: torch.Tensor | None, plan: Capture
     """
     if mask is None:
         return key, mask, plan
-    bsz, s_len = key.shape[0], key.shape[2]
-    rows = plan.rows.to(key.device)
-    m = mask[..., :s_len].expand(bsz, mask.shape[1], t_len, s_len)  # a view, no copy
-    m_rows = m.gather(2, rows[:, None, :, None].expand(bsz, m.shape[1], rows.shape[1], s_len))  # (B, Hm, R, S)
+    s_len = key.shape[2]
+    m_rows = mask_rows(mask, plan.rows.to(key.device), key.shape[0], t_len, s_len)  # (B, Hm, R, S)
     allowed = m_rows if m_rows.dtype == torch.bool else m_rows > torch.finfo(m_rows.dtype).min / 2
     live = allowed.flatten(0, 2).any(0)  # (S,)
     if not bool(live.any()) or bool(live.all()):
