@@ -108,6 +108,12 @@ def main() -> None:
                    help="AttentionCapture.chunk_bytes in MiB (default: the capture's; a huge value = unchunked)")
     p.add_argument("--json", default=None, help="also write the measurements and the cost model here")
     args = p.parse_args()
+    for name in ("layers", "text_tokens", "batch_size", "repeat"):
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            p.error(f"--{name.replace('_', '-')} {values}: use 1 or more")
+    if args.capture_chunk_mib is not None and args.capture_chunk_mib <= 0:
+        p.error(f"--capture-chunk-mib {args.capture_chunk_mib}: use a positive size in MiB")
 
     tmp = Path(tempfile.mkdtemp(prefix="lav_bench_"))
     build_model(tmp / "model", args.layers)
